@@ -1,0 +1,139 @@
+"""The application factory: routes, middlewares and the runtime's cleanup context.
+
+Nothing happens at import; ``create_app(config)`` builds an independent app, so tests can run two
+side by side.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import __version__
+from .auth import require_model, visible_models
+from .config import Config, Model
+from .errors import InvalidKey, NotFound, error_middleware
+from .relay import relay
+from .runtime import RUNTIME, Runtime, make_context
+from .store import utc_day
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _model_object(model: Model, created: int) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": created, "owned_by": model.owned_by}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    created = int(rt.started)
+    data = [_model_object(m, created) for m in visible_models(rt.config, principal.account)]
+    return _json({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    model = require_model(rt.config, principal.account, request.match_info["model"])
+    return _json(_model_object(model, int(rt.started)))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 when every model has at least one backend up; the per-model detail either way."""
+    rt = request.app[RUNTIME]
+    models = {m.name: {"up": rt.pool.is_model_up(m), "backends": rt.pool.model_health(m)}
+              for m in rt.config.models}
+    ok = all(m["up"] for m in models.values()) and not rt.view.is_stale()
+    body = {"status": "ok" if ok else "degraded", "version": __version__, "database": not rt.view.is_stale(),
+            "models": models}
+    return _json(body, status=200 if ok else 503)
+
+
+def _is_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    token = rt.config.admin_token
+    authorized = token is not None and request.headers.get("Authorization") == f"Bearer {token}"
+    if not authorized and not _is_loopback(request):
+        raise NotFound("Unknown path /metrics.")  # do not advertise it to the outside
+    body = rt.metrics.render(rt.backend_states)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _coins(micro: int) -> float:
+    return micro / 1_000_000
+
+
+async def me(request: web.Request) -> web.Response:
+    """A key holder's own account: balance, limits, models (the seed's "Usage page", for scripts)."""
+    rt = request.app[RUNTIME]
+    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    account = principal.account
+    limits = rt.config.limits
+    return _json({
+        "account": account.name,
+        "coins": _coins(rt.wallets.available(account.id) + rt.wallets.held.get(account.id, 0)),
+        "coins_held": _coins(rt.wallets.held.get(account.id, 0)),
+        "models": [m.name for m in visible_models(rt.config, account)],
+        "limits": {
+            "rpm": account.rpm if account.rpm is not None else limits.rpm,
+            "tpm": account.tpm if account.tpm is not None else limits.tpm,
+            "concurrency": account.concurrency if account.concurrency is not None else limits.concurrency,
+        },
+        "key_id": principal.key_id,
+    })
+
+
+async def usage(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    by = request.query.get("by", "day")
+    if by not in ("day", "model", "key"):
+        from .errors import BadRequest
+
+        raise BadRequest("Parameter 'by' must be day, model or key.", param="by")
+    since = request.query.get("since") or utc_day(time.time() - 30 * 86400)
+    rows = await rt.store.usage_report(principal.account.id, since=since, until=request.query.get("until"), by=by)
+    for row in rows:
+        row["cost"] = _coins(row["cost"])
+    return _json({"object": "list", "account": principal.account.name, "by": by, "since": since, "data": rows})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"Unknown path {request.path}. The API lives under /v1/ (e.g. /v1/chat/completions).")
+
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time,
+               monotonic: Callable[[], float] = time.monotonic, usage_interval: float = 0.1,
+               access_log: Any = None,
+               on_ready: Callable[[Runtime], Coroutine[Any, Any, None]] | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app.cleanup_ctx.append(make_context(config, clock=clock, monotonic=monotonic, usage_interval=usage_interval,
+                                        access_log=access_log, on_ready=on_ready))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, relay)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/lumen/v1/me", me)
+    app.router.add_get("/lumen/v1/usage", usage)
+    return app
+
+
+__all__ = ["create_app", "InvalidKey"]

@@ -1,0 +1,123 @@
+"""Who is calling, and which models they may use.
+
+Keys and accounts are served from an in-memory view; SQLite is off the request path. The view is
+reloaded when ``PRAGMA data_version`` moves (another connection, i.e. the admin CLI, committed),
+polled every ``POLL`` seconds, so an admin change takes effect within a second. If the database
+cannot be read for longer than ``STALE_AFTER`` the view is no longer trusted and callers get 503,
+never 401: a client treats 401 as "my key is wrong".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .billing import Wallets
+from .config import Config, Model
+from .errors import InvalidKey, ModelNotAllowed, ModelNotFound, StorageUnavailable
+from .keys import hash_key
+from .store import AccountRow, KeyRow, Store
+
+log = logging.getLogger("lumen_proxy")
+POLL = 0.25
+STALE_AFTER = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: int
+    account: AccountRow
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class AccessView:
+    """The in-memory copy of keys and accounts, plus the loop that keeps it fresh."""
+
+    def __init__(self, store: Store, wallets: Wallets, lock: asyncio.Lock,
+                 *, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.wallets, self.lock, self.clock = store, wallets, lock, clock
+        self.keys: dict[str, KeyRow] = {}
+        self.accounts: dict[int, AccountRow] = {}
+        self._version: int | None = None
+        self._fresh_at = 0.0  # monotonic time of the last successful check
+        self.reloads = 0
+
+    async def reload(self) -> None:
+        async with self.lock:  # never between a usage commit and its wallet update
+            version = await self.store.data_version()
+            accounts, keys = await self.store.load_view()
+            self.accounts = {a.id: a for a in accounts}
+            self.keys = {k.hash: k for k in keys}
+            self.wallets.load((a.id, a.balance) for a in accounts)
+            self._version = version
+            self.reloads += 1
+        self._fresh_at = time.monotonic()
+
+    async def refresh(self) -> None:
+        """Reload only when another connection has committed since the last look."""
+        if self._version is None or await self.store.data_version() != self._version:
+            await self.reload()
+        self._fresh_at = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(POLL)
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep serving from the view; stale_for() decides when to stop
+                log.error("cannot read the database to refresh keys and accounts: %s", exc)
+
+    def is_stale(self) -> bool:
+        return self._version is None or time.monotonic() - self._fresh_at > STALE_AFTER
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        if token is None:
+            raise InvalidKey("Missing API key. Send it as the header 'Authorization: Bearer sk_...'.")
+        if self.is_stale():
+            raise StorageUnavailable("The key store is temporarily unavailable. Retry shortly.",
+                                     headers={"Retry-After": "5"})
+        key = self.keys.get(hash_key(token))
+        if key is None:
+            raise InvalidKey(f"Incorrect API key provided: {_redact(token)}. Ask your administrator for a key.")
+        if key.expires_at is not None and key.expires_at <= self.clock():
+            raise InvalidKey(f"The API key {key.prefix}... has expired. Ask your administrator for a new key.")
+        account = self.accounts.get(key.account_id)
+        if account is None:
+            raise InvalidKey("Incorrect API key provided.")
+        if not account.enabled:
+            raise ModelNotAllowed(f"The account {account.name!r} is disabled. Contact your administrator.",
+                                  code="account_disabled")
+        return Principal(key.id, account)
+
+
+def _redact(token: str) -> str:
+    return token[:6] + "..." + token[-2:] if len(token) > 12 else "***"
+
+
+def may_use(account: AccountRow, model: Model) -> bool:
+    """The one access rule: both /v1/models and the 403 check use it."""
+    return account.models is None or model.name in account.models
+
+
+def visible_models(config: Config, account: AccountRow) -> list[Model]:
+    return [m for m in config.models if may_use(account, m)]
+
+
+def require_model(config: Config, account: AccountRow, name: str) -> Model:
+    model = config.model(name)
+    if model is None:
+        raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.",
+                            param="model")
+    if not may_use(account, model):
+        raise ModelNotAllowed(f"Your account does not have access to the model `{name}`.", param="model")
+    return model

@@ -1,0 +1,120 @@
+"""The built-in ``builtin:echo`` backend: a demo and smoke test with no model server.
+
+It answers in OpenAI's exact wire format (chat, completions, embeddings; streams with
+``stream_options.include_usage``), so the whole proxy path (auth, limits, billing, SSE relay) is the
+same one real backends take. Replies repeat the last user message; token counts are word counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+STREAM_DELAY = 0.01  # seconds between chunks, so streaming is visible in a terminal
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal parts: keep the text ones
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return sum(len(_text_of(m.get("content")).split()) + 4 for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt", body.get("input", ""))
+    items = prompt if isinstance(prompt, list) else [prompt]
+    return max(1, sum(len(str(p).split()) for p in items))
+
+
+def _reply(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    last = ""
+    if isinstance(messages, list):
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        last = _text_of(users[-1].get("content")) if users else ""
+    else:
+        last = str(body.get("prompt", ""))
+    return f"Echo from Lumen's built-in model: {last}".strip()
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class EchoUpstream:
+    """Looks like an HTTP upstream response to the relay."""
+
+    def __init__(self, path: str, body: dict[str, Any]) -> None:
+        self.path, self.body = path, body
+        self.status = 200
+        self.stream = body.get("stream") is True and path != "/embeddings"
+        self.content_type = "text/event-stream" if self.stream else "application/json"
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.closed = False
+
+    async def read(self) -> bytes:
+        prompt = _prompt_tokens(self.body)
+        model = self.body.get("model", "echo")
+        if self.path == "/embeddings":
+            inputs = self.body.get("input", "")
+            items = inputs if isinstance(inputs, list) else [inputs]
+            data = [{"object": "embedding", "index": i, "embedding": _embed(str(x))} for i, x in enumerate(items)]
+            return orjson.dumps({"object": "list", "data": data, "model": model,
+                                 "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+        text = _reply(self.body)
+        usage = _usage(prompt, len(text.split()))
+        if self.path == "/completions":
+            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            return orjson.dumps({"id": self.id.replace("chatcmpl", "cmpl"), "object": "text_completion",
+                                 "created": self.created, "model": model, "choices": [choice], "usage": usage})
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return orjson.dumps({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage,
+        })
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if not self.stream:
+            yield await self.read()
+            return
+        options = self.body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
+        words = _reply(self.body).split(" ")
+        chat = self.path == "/chat/completions"
+        extra = {"usage": None} if with_usage else {}
+        base = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": self.created, "model": self.body.get("model", "echo")}
+        deltas: list[tuple[Any, Any]] = [({"role": "assistant", "content": ""}, None)] if chat else []
+        deltas += [({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words)]
+        deltas.append(({}, "stop"))
+        for delta, finish in deltas:
+            if self.closed:
+                return
+            choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish} if chat else
+                      {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish})
+            yield b"data: " + orjson.dumps({**base, "choices": [choice], **extra}) + b"\n\n"
+            await asyncio.sleep(STREAM_DELAY)
+        if with_usage:
+            usage = _usage(_prompt_tokens(self.body), len(words))
+            yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _embed(text: str, dims: int = 8) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((b - 128) / 128, 4) for b in digest[:dims]]

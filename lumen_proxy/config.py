@@ -1,0 +1,327 @@
+"""Load and validate the YAML config into frozen dataclasses.
+
+This is the only module that reads the environment (``${VAR}`` expansion). Every problem is a
+:class:`ConfigError` whose one-line message names the file, the key path and what is wrong, so
+``lumen-proxy serve`` can print it and exit 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .ratelimit import LimitSpec
+
+MICRO = 1_000_000
+"""Coins are stored as integer micro-coins; prices as micro-coins per million tokens."""
+
+EMBEDDED = "<embedded default>"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config problem, rendered as ``file: key.path: problem``."""
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        self.source, self.path, self.problem = source, path, problem
+        where = f"{path}: " if path else ""
+        super().__init__(f"{source}: {where}{problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-coins per million tokens, so cost math stays in integers."""
+
+    prompt: int = 0
+    completion: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    url: str
+    model: str
+    api_key: str | None = None
+    inject_stream_usage: bool = True
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.url.startswith("builtin:")
+
+    @property
+    def label(self) -> str:
+        """Name used in logs and health: the URL never carries credentials here."""
+        return self.url
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    backends: tuple[Backend, ...]
+    price: Price = Price()
+    max_output_tokens: int = 4096
+    limits: LimitSpec | None = None
+    owned_by: str = "lumen"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 10.0
+    first_byte: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    failures: int = 3
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    database: Path
+    models: tuple[Model, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    limits: LimitSpec = LimitSpec()
+    timeouts: Timeouts = Timeouts()
+    breaker: Breaker = Breaker()
+    health_check_interval: float = 0.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_grace: float = 30.0
+    admin_token: str | None = None
+    log_prompts: bool = False
+    demo: bool = False
+    by_name: Mapping[str, Model] = field(default_factory=dict, compare=False, repr=False)
+
+    def model(self, name: str) -> Model | None:
+        return self.by_name.get(name)
+
+
+class _Reader:
+    """Walks the YAML tree, remembering the key path for error messages."""
+
+    def __init__(self, source: str, *, require_env: bool = True) -> None:
+        self.source = source
+        self.require_env = require_env
+
+    def fail(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, path, problem)
+
+    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"must be a mapping, got {_kind(value)}")
+        for key in value:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.fail(_join(path, str(key)), f"unknown key (allowed here: {hint})")
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(path, f"must be a non-empty string, got {_kind(value)}")
+        return self.expand(value, path)
+
+    def expand(self, text: str, path: str) -> str:
+        def sub(match: re.Match[str]) -> str:
+            var = match.group(1)
+            if var in os.environ:
+                return os.environ[var]
+            if self.require_env:
+                raise self.fail(path, f"environment variable {var} is not set")
+            return match.group(0)  # admin commands never talk to backends: secrets may stay unset
+
+        return _ENV_REF.sub(sub, text)
+
+    def number(self, value: Any, path: str, *, minimum: float = 0, integer: bool = False) -> Any:
+        ok_type = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type):
+            raise self.fail(path, f"must be {'an integer' if integer else 'a number'}, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(path, f"must be >= {minimum}, got {value}")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"must be true or false, got {_kind(value)}")
+        return value
+
+    def optional(self, data: Mapping[str, Any], key: str, path: str, read: Callable[[Any, str], T],
+                 default: T) -> T:
+        return read(data[key], _join(path, key)) if key in data and data[key] is not None else default
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def micro_coins(value: Any, path: str, reader: _Reader) -> int:
+    """Parse a decimal coin amount (YAML number or string) into integer micro-coins, exactly."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise reader.fail(path, f"must be a number, got {_kind(value)}")
+    try:
+        amount = Decimal(str(value)) * MICRO
+    except InvalidOperation:
+        raise reader.fail(path, f"must be a number, got {_kind(value)}") from None
+    if amount != amount.to_integral_value() or amount < 0:
+        raise reader.fail(path, "must be >= 0 with at most 6 decimals")
+    return int(amount)
+
+
+def _limits(r: _Reader, value: Any, path: str) -> LimitSpec:
+    data = r.mapping(value, path, {"rpm", "tpm", "concurrency"})
+    count = lambda v, p: int(r.number(v, p, integer=True))  # noqa: E731
+    return LimitSpec(
+        rpm=r.optional(data, "rpm", path, count, 0),
+        tpm=r.optional(data, "tpm", path, count, 0),
+        concurrency=r.optional(data, "concurrency", path, count, 0),
+    )
+
+
+def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
+    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage"})
+    if "url" not in data:
+        raise r.fail(_join(path, "url"), "is required")
+    url = r.string(data["url"], _join(path, "url")).rstrip("/")
+    if not (url.startswith(("http://", "https://")) or url == "builtin:echo"):
+        raise r.fail(_join(path, "url"), f"must start with http:// or https:// or be builtin:echo, got {url!r}")
+    return Backend(
+        url=url,
+        model=r.optional(data, "model", path, r.string, public_name),
+        api_key=r.optional(data, "api_key", path, r.string, None),
+        inject_stream_usage=r.optional(data, "stream_usage", path, r.boolean, True),
+    )
+
+
+def _model(r: _Reader, value: Any, path: str) -> Model:
+    data = r.mapping(value, path, {"name", "backends", "price", "max_output_tokens", "limits", "owned_by"})
+    if "name" not in data:
+        raise r.fail(_join(path, "name"), "is required")
+    name = r.string(data["name"], _join(path, "name"))
+    raw_backends = data.get("backends")
+    if not isinstance(raw_backends, list) or not raw_backends:
+        raise r.fail(_join(path, "backends"), "must be a non-empty list of backends")
+    backends = tuple(_backend(r, b, f"{path}.backends[{i}]", name) for i, b in enumerate(raw_backends))
+    price_path = _join(path, "price")
+    price_data = r.mapping(data.get("price"), price_path, {"prompt", "completion"})
+    price = Price(
+        prompt=micro_coins(price_data.get("prompt", 0), _join(price_path, "prompt"), r),
+        completion=micro_coins(price_data.get("completion", 0), _join(price_path, "completion"), r),
+    )
+    return Model(
+        name=name,
+        backends=backends,
+        price=price,
+        max_output_tokens=r.optional(
+            data, "max_output_tokens", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), 4096
+        ),
+        limits=r.optional(data, "limits", path, lambda v, p: _limits(r, v, p), None),
+        owned_by=r.optional(data, "owned_by", path, r.string, "lumen"),
+    )
+
+
+_TOP = {
+    "listen", "database", "models", "limits", "timeouts", "circuit_breaker", "health_check_interval",
+    "max_body_mb", "shutdown_grace", "admin_token", "log_prompts", "demo",
+}
+
+
+def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = True) -> Config:
+    """Turn a parsed YAML document into a :class:`Config`, or raise :class:`ConfigError`."""
+    r = _Reader(source, require_env=require_env)
+    top = r.mapping(data, "", _TOP)
+    listen = r.mapping(top.get("listen"), "listen", {"host", "port"})
+    if "database" not in top:
+        raise r.fail("database", "is required (path of the SQLite file)")
+    database = Path(os.path.expanduser(r.string(top["database"], "database")))
+    raw_models = top.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise r.fail("models", "must be a non-empty list of models")
+    models = tuple(_model(r, m, f"models[{i}]") for i, m in enumerate(raw_models))
+    by_name: dict[str, Model] = {}
+    for i, m in enumerate(models):
+        if m.name in by_name:
+            raise r.fail(f"models[{i}].name", f"duplicate model name {m.name!r}")
+        by_name[m.name] = m
+    timeouts = r.mapping(top.get("timeouts"), "timeouts", {"connect", "first_byte"})
+    breaker = r.mapping(top.get("circuit_breaker"), "circuit_breaker", {"failures", "cooldown"})
+    seconds = lambda v, p: float(r.number(v, p))  # noqa: E731
+    return Config(
+        source=source,
+        database=database if database.is_absolute() else base_dir / database,
+        models=models,
+        host=r.optional(listen, "host", "listen", r.string, "127.0.0.1"),
+        port=r.optional(listen, "port", "listen", lambda v, p: int(r.number(v, p, integer=True)), 8080),
+        limits=r.optional(top, "limits", "", lambda v, p: _limits(r, v, p), LimitSpec()),
+        timeouts=Timeouts(
+            connect=r.optional(timeouts, "connect", "timeouts", seconds, 10.0),
+            first_byte=r.optional(timeouts, "first_byte", "timeouts", seconds, 300.0),
+        ),
+        breaker=Breaker(
+            failures=r.optional(breaker, "failures", "circuit_breaker",
+                                lambda v, p: int(r.number(v, p, minimum=1, integer=True)), 3),
+            cooldown=r.optional(breaker, "cooldown", "circuit_breaker", seconds, 30.0),
+        ),
+        health_check_interval=r.optional(top, "health_check_interval", "", seconds, 0.0),
+        max_body_bytes=int(r.optional(top, "max_body_mb", "", seconds, 32.0) * 1024 * 1024),
+        shutdown_grace=r.optional(top, "shutdown_grace", "", seconds, 30.0),
+        admin_token=r.optional(top, "admin_token", "", r.string, None),
+        log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
+        demo=r.optional(top, "demo", "", r.boolean, False),
+        by_name=by_name,
+    )
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(source, "", f"{where}{problem}") from None
+
+
+def load_config(path: str | Path | None, *, require_env: bool = True) -> Config:
+    """Load ``path``, or the embedded demo default when ``path`` is None.
+
+    ``require_env=False`` (admin commands) leaves unset ``${VAR}`` in place instead of failing.
+    """
+    if path is None:
+        text = resources.files("lumen_proxy").joinpath("default.yaml").read_text()
+        return parse_config(_parse_yaml(text, EMBEDDED), EMBEDDED, default_data_dir())
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(str(file), "", f"cannot read: {exc.strerror or exc}") from None
+    return parse_config(_parse_yaml(text, str(file)), str(file), file.resolve().parent, require_env=require_env)
+
+
+def default_data_dir() -> Path:
+    """Where the embedded demo keeps its database and key (XDG data dir)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "lumen-proxy"
+
+
+def find_config_path(cli_value: str | None) -> str | None:
+    """``--config``, else ``$LUMEN_CONFIG``, else ``./lumen.yaml`` if present, else None (embedded)."""
+    if cli_value:
+        return cli_value
+    if os.environ.get("LUMEN_CONFIG"):
+        return os.environ["LUMEN_CONFIG"]
+    return "lumen.yaml" if Path("lumen.yaml").is_file() else None

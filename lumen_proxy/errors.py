@@ -1,0 +1,155 @@
+"""The one error tree, and the middleware that renders every error as OpenAI's JSON shape.
+
+    LumenError (status, type, code)
+    ├── BadRequest 400 ── PayloadTooLarge 413
+    ├── InvalidKey 401
+    ├── InsufficientQuota 402
+    ├── ModelNotAllowed 403
+    ├── NotFound 404 ── ModelNotFound 404
+    ├── MethodNotAllowed 405
+    ├── RateLimited 429
+    ├── InternalError 500
+    ├── BadGateway 502
+    ├── Unavailable 503 ── BackendUnavailable, StorageUnavailable
+    └── UpstreamTimeout 504
+
+Handlers raise; only :func:`error_middleware` builds responses, so every body is
+``{"error": {"message", "type", "param", "code"}}`` and nothing internal ever leaks to a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("lumen_proxy")
+REQUEST_ID = "request_id"
+
+
+class LumenError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None,
+                 headers: Mapping[str, str] | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+        if code is not None:
+            self.code = code
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        )
+
+
+class BadRequest(LumenError):
+    status, type = 400, "invalid_request_error"
+
+
+class PayloadTooLarge(BadRequest):
+    status, code = 413, "request_too_large"
+
+
+class InvalidKey(LumenError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class InsufficientQuota(LumenError):
+    status, type, code = 402, "insufficient_quota", "insufficient_quota"
+
+
+class ModelNotAllowed(LumenError):
+    status, type, code = 403, "invalid_request_error", "model_not_allowed"
+
+
+class NotFound(LumenError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(LumenError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RateLimited(LumenError):
+    status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+
+class InternalError(LumenError):
+    status, type, code = 500, "server_error", "internal_error"
+
+
+class BadGateway(LumenError):
+    status, type, code = 502, "server_error", "bad_gateway"
+
+
+class Unavailable(LumenError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+
+class BackendUnavailable(Unavailable):
+    code = "backend_unavailable"
+
+
+class StorageUnavailable(Unavailable):
+    code = "storage_unavailable"
+
+
+class UpstreamTimeout(LumenError):
+    status, type, code = 504, "server_error", "upstream_timeout"
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def error_response(error: LumenError, request_id: str) -> web.Response:
+    headers = {"x-request-id": request_id, **error.headers}
+    return web.Response(status=error.status, body=error.body(), content_type="application/json",
+                        headers=headers)
+
+
+def _translate_http(exc: web.HTTPException, request: web.Request) -> LumenError:
+    if exc.status == 405:
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    if exc.status == 404:
+        return NotFound(f"Unknown path {request.path}. The API lives under /v1/ (e.g. /v1/chat/completions).")
+    if exc.status == 413:
+        return PayloadTooLarge("Request body is too large.")
+    return BadRequest(exc.reason or "Bad request.", code=None)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id and turn any failure into an OpenAI-shaped error (never a traceback)."""
+    request_id = new_request_id()  # ours, never the client's: it keys the usage row
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except LumenError as exc:
+        return error_response(exc, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_translate_http(exc, request), request_id)
+    except Exception:
+        log.exception("internal error on %s %s (request %s)", request.method, request.path, request_id)
+        return error_response(InternalError("Internal error. The administrator can find it in the logs "
+                                            f"under request id {request_id}."), request_id)
+    if not response.prepared:
+        response.headers.setdefault("x-request-id", request_id)
+    return response

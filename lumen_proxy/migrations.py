@@ -1,0 +1,96 @@
+"""Append-only schema migrations; ``PRAGMA user_version`` records how many have run.
+
+Never edit a shipped migration: add a new one. Opening an older database applies the missing ones in
+one transaction each; a database newer than this program is refused (see ``store.open_db``).
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "m001_accounts_and_keys",
+        """
+        CREATE TABLE accounts (
+            id          INTEGER PRIMARY KEY,
+            name        TEXT NOT NULL UNIQUE,
+            models      TEXT,                          -- JSON list of model names; NULL = all models
+            enabled     INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+            created_at  REAL NOT NULL
+        );
+        CREATE TABLE keys (
+            id           INTEGER PRIMARY KEY,
+            account_id   INTEGER NOT NULL REFERENCES accounts(id),
+            hash         TEXT NOT NULL UNIQUE,        -- sha256 of the full key; the key itself is never stored
+            prefix       TEXT NOT NULL,               -- first characters, for listing
+            label        TEXT,
+            created_at   REAL NOT NULL,
+            last_used_at REAL,
+            expires_at   REAL,
+            revoked_at   REAL
+        );
+        CREATE INDEX keys_account ON keys(account_id);
+        """,
+    ),
+    (
+        "m002_coins_and_ledger",
+        """
+        ALTER TABLE accounts ADD COLUMN balance INTEGER NOT NULL DEFAULT 0;   -- micro-coins
+        CREATE TABLE ledger (
+            id          INTEGER PRIMARY KEY,
+            account_id  INTEGER NOT NULL REFERENCES accounts(id),
+            time        REAL NOT NULL,
+            amount      INTEGER NOT NULL,              -- micro-coins, negative for deductions
+            note        TEXT
+        );
+        CREATE INDEX ledger_account ON ledger(account_id);
+        """,
+    ),
+    (
+        "m003_usage_log",
+        """
+        CREATE TABLE usage (
+            id                INTEGER PRIMARY KEY,
+            request_id        TEXT NOT NULL,
+            time              REAL NOT NULL,
+            account_id        INTEGER REFERENCES accounts(id),
+            key_id            INTEGER,
+            model             TEXT,
+            backend           TEXT,
+            endpoint          TEXT,
+            status            INTEGER NOT NULL,
+            prompt_tokens     INTEGER NOT NULL DEFAULT 0 CHECK (prompt_tokens >= 0),
+            completion_tokens INTEGER NOT NULL DEFAULT 0 CHECK (completion_tokens >= 0),
+            cost              INTEGER NOT NULL DEFAULT 0 CHECK (cost >= 0),   -- micro-coins
+            estimated         INTEGER NOT NULL DEFAULT 0,
+            partial           INTEGER NOT NULL DEFAULT 0,
+            duration_ms       REAL,
+            ttfb_ms           REAL,
+            details           TEXT                                            -- usage details JSON
+        );
+        CREATE INDEX usage_time ON usage(time);
+        CREATE INDEX usage_request ON usage(request_id);
+        CREATE TABLE usage_daily (
+            day               TEXT NOT NULL,
+            account_id        INTEGER NOT NULL,
+            model             TEXT NOT NULL,
+            key_id            INTEGER NOT NULL,
+            requests          INTEGER NOT NULL DEFAULT 0,
+            errors            INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cost              INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, account_id, model, key_id)
+        ) WITHOUT ROWID;
+        """,
+    ),
+    (
+        "m004_account_limits",
+        """
+        ALTER TABLE accounts ADD COLUMN rpm INTEGER CHECK (rpm >= 0);
+        ALTER TABLE accounts ADD COLUMN tpm INTEGER CHECK (tpm >= 0);
+        ALTER TABLE accounts ADD COLUMN concurrency INTEGER CHECK (concurrency >= 0);
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,88 @@
+"""Run the server process: uvloop, signals, systemd notifications, reload and graceful stop.
+
+SIGTERM/SIGINT: stop accepting, let in-flight requests and streams finish for up to
+``shutdown_grace`` seconds, cancel the rest (they are still billed), flush the usage log, exit 0.
+SIGHUP: re-read the YAML; an invalid file is rejected with one log line and the old config stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from . import sdnotify
+from .app import create_app
+from .config import Config, ConfigError, load_config
+from .demo import bootstrap_demo
+from .runtime import RUNTIME, ServerLocked
+from .store import StoreError
+
+log = logging.getLogger("lumen_proxy")
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lumen-proxy %(levelname)s: %(message)s"))
+    root = logging.getLogger("lumen_proxy")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def reload(app: web.Application, path: str | None) -> None:
+    sdnotify.reloading()
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("reload rejected, the previous config stays in force: %s", exc)
+    else:
+        rt = app[RUNTIME]
+        rt.apply(new)
+        log.warning("reloaded %s: %d models", new.source, len(new.models))
+    sdnotify.ready()
+
+
+async def run(config: Config, path: str | None) -> int:
+    app = create_app(config, access_log=sys.stdout, on_ready=bootstrap_demo if config.demo else None)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.shutdown_grace,
+                           access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+    except (ServerLocked, StoreError) as exc:
+        log.error("%s", exc)
+        return 1
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+        await runner.cleanup()
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, app, path)
+    log.warning("listening on http://%s:%s (config: %s, database: %s)", config.host, config.port,
+                config.source, config.database)
+    sdnotify.ready(f"listening on {config.host}:{config.port}")
+    await stop.wait()
+    sdnotify.stopping("draining requests")
+    log.warning("stopping: draining in-flight requests for up to %ss", config.shutdown_grace)
+    await runner.cleanup()
+    log.warning("stopped; usage log flushed")
+    return 0
+
+
+def serve(config: Config, path: str | None) -> int:
+    setup_logging()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(run(config, path))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run(config, path))

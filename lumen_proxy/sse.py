@@ -1,0 +1,89 @@
+"""Observe an SSE stream on its way through without rewriting it.
+
+Bytes are passed on up to the last complete event boundary, unchanged. Only events that carry a
+real ``"usage": {...}`` are parsed (to bill them); the usage-only chunk (``"choices": []``) is
+dropped when the proxy asked for usage on the client's behalf. Everything else is never decoded, so
+tool-call argument deltas and vendor fields reach the client exactly as the backend sent them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+MAX_PENDING = 4 * 1024 * 1024  # a single event larger than this is not SSE we can relay
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_EVENT = re.compile(rb"(.*?)(\r\n\r\n|\n\n)", re.DOTALL)
+
+
+class StreamTooLarge(Exception):
+    """An event without a boundary grew past MAX_PENDING."""
+
+
+def _last_boundary(buf: bytes | bytearray) -> int:
+    """Index just past the last complete event in ``buf``, or -1."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+
+
+def _event_json(event: bytes) -> Any:
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        return orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+
+
+class SseScanner:
+    """Feed upstream chunks; get back the bytes to send on, with usage noted on the side."""
+
+    def __init__(self, *, drop_usage_chunk: bool) -> None:
+        self.drop_usage_chunk = drop_usage_chunk
+        self.usage: dict[str, Any] | None = None
+        self.events = 0
+        self.done = False
+        self._pending = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._pending += chunk
+        end = _last_boundary(self._pending)
+        if end < 0:
+            if len(self._pending) > MAX_PENDING:
+                raise StreamTooLarge(f"SSE event larger than {MAX_PENDING} bytes")
+            return b""
+        ready = bytes(self._pending[:end])
+        del self._pending[:end]
+        return self._observe(ready)
+
+    def finish(self) -> bytes:
+        """Whatever trails the last boundary (a backend that ends without a blank line): sent as is."""
+        rest, self._pending = bytes(self._pending), bytearray()
+        self.events += rest.count(b"data:")
+        if _USAGE.search(rest):
+            self._take_usage(rest)
+        return rest
+
+    def _observe(self, ready: bytes) -> bytes:
+        """``ready`` ends on an event boundary; pass it on, minus a usage-only chunk we asked for."""
+        self.events += ready.count(b"data:")
+        if b"[DONE]" in ready:
+            self.done = True
+        if b'"usage"' not in ready or not _USAGE.search(ready):
+            return ready
+        kept = [event for event in (m.group(0) for m in _EVENT.finditer(ready))
+                if not (_USAGE.search(event) and self._take_usage(event))]
+        return b"".join(kept)
+
+    def _take_usage(self, event: bytes) -> bool:
+        """Record the usage of ``event``; True if the event must be dropped."""
+        data = _event_json(event)
+        if not isinstance(data, dict) or not isinstance(data.get("usage"), dict):
+            return False
+        self.usage = data["usage"]
+        self.events -= 1
+        return self.drop_usage_chunk and data.get("choices") == []

@@ -1,0 +1,403 @@
+"""All SQL lives here: opening and migrating the database, admin operations, the usage batch, reports.
+
+Invariant kept by every write: for each account,
+``sum(ledger.amount) - sum(usage.cost) == accounts.balance`` (all integers, micro-coins), because a
+ledger row and its balance change, or a batch of usage rows and their debits, share one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .keys import hash_key, looks_like_key, new_key, visible_prefix
+from .migrations import MIGRATIONS, SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """A user-facing problem (unknown account, duplicate name...): one line, nothing changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    id: int
+    name: str
+    models: tuple[str, ...] | None
+    enabled: bool
+    created_at: float
+    balance: int
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    id: int
+    account_id: int
+    hash: str
+    prefix: str
+    label: str | None
+    created_at: float
+    last_used_at: float | None
+    expires_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(slots=True)
+class UsageRow:
+    """One request, as the usage log keeps it."""
+
+    request_id: str
+    time: float
+    account_id: int
+    key_id: int
+    model: str
+    endpoint: str
+    status: int
+    backend: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: int = 0
+    estimated: bool = False
+    partial: bool = False
+    duration_ms: float = 0.0
+    ttfb_ms: float | None = None
+    details: dict[str, Any] | None = field(default=None)
+
+
+_ACCOUNT_COLS = "id, name, models, enabled, created_at, balance, rpm, tpm, concurrency"
+_KEY_COLS = "id, account_id, hash, prefix, label, created_at, last_used_at, expires_at, revoked_at"
+
+
+def _account(row: Sequence[Any]) -> AccountRow:
+    models = tuple(json.loads(row[2])) if row[2] is not None else None
+    return AccountRow(row[0], row[1], models, bool(row[3]), row[4], row[5], row[6], row[7], row[8])
+
+
+def _key(row: Sequence[Any]) -> KeyRow:
+    return KeyRow(*row)
+
+
+def utc_day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+async def open_db(path: Path) -> aiosqlite.Connection:
+    """Open (creating if needed) and migrate the database; refuse one newer than this program."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(path, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from None
+    try:
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await migrate(conn, path)
+    except sqlite3.Error as exc:
+        await conn.close()
+        raise StoreError(f"cannot use database {path}: {exc}") from None
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> int:
+    """Apply missing migrations; return the number applied."""
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this lumen-proxy understands "
+            f"({SCHEMA_VERSION}): upgrade lumen-proxy, or restore a backup made by this version"
+        )
+    for number in range(version, SCHEMA_VERSION):
+        _name, sql = MIGRATIONS[number]
+        try:  # one transaction per migration, its version bump included
+            await conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number + 1};\nCOMMIT;")
+        except BaseException:
+            if conn.in_transaction:
+                await conn.rollback()
+            raise
+    return SCHEMA_VERSION - version
+
+
+class Store:
+    """Typed operations over one aiosqlite connection (aiosqlite serialises them on its thread)."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        return cls(await open_db(path))
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                await self.conn.execute(sql, params)
+            await self.conn.commit()
+        except BaseException:
+            await self.conn.rollback()
+            raise
+
+    # -- change detection ---------------------------------------------------------------------------
+    async def data_version(self) -> int:
+        """Changes when another connection (the admin CLI) commits; our own writes leave it alone."""
+        row = await self._one("PRAGMA data_version")
+        return int(row[0])
+
+    async def load_view(self) -> tuple[list[AccountRow], list[KeyRow]]:
+        accounts = [_account(r) for r in await self._all(f"SELECT {_ACCOUNT_COLS} FROM accounts")]
+        keys = [_key(r) for r in await self._all(f"SELECT {_KEY_COLS} FROM keys WHERE revoked_at IS NULL")]
+        return accounts, keys
+
+    # -- accounts -----------------------------------------------------------------------------------
+    async def account(self, name: str) -> AccountRow:
+        row = await self._one(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE name = ?", (name,))
+        if row is None:
+            raise StoreError(f"no account named {name!r} (see: lumen-proxy accounts list)")
+        return _account(row)
+
+    async def account_by_id(self, account_id: int) -> AccountRow:
+        row = await self._one(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?", (account_id,))
+        if row is None:
+            raise StoreError(f"no account with id {account_id}")
+        return _account(row)
+
+    async def accounts(self) -> list[AccountRow]:
+        return [_account(r) for r in await self._all(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name")]
+
+    async def add_account(self, name: str, coins: int = 0, models: Sequence[str] | None = None,
+                          *, now: float | None = None) -> AccountRow:
+        now = time.time() if now is None else now
+        if await self._one("SELECT 1 FROM accounts WHERE name = ?", (name,)):
+            raise StoreError(f"an account named {name!r} already exists")
+        models_json = json.dumps(sorted(set(models))) if models is not None else None
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await self.conn.execute(
+                "INSERT INTO accounts (name, models, created_at, balance) VALUES (?, ?, ?, ?)",
+                (name, models_json, now, coins),
+            )
+            account_id = cur.lastrowid
+            await self.conn.execute(
+                "INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
+                (account_id, now, coins, "initial coins"),
+            )
+            await self.conn.commit()
+        except sqlite3.IntegrityError:
+            await self.conn.rollback()
+            raise StoreError(f"an account named {name!r} already exists") from None
+        except BaseException:
+            await self.conn.rollback()
+            raise
+        return await self.account(name)
+
+    async def update_account(self, name: str, **fields: Any) -> AccountRow:
+        """Set ``enabled``, ``models`` (list or None = all), ``rpm``, ``tpm``, ``concurrency``."""
+        account = await self.account(name)
+        allowed = {"enabled", "models", "rpm", "tpm", "concurrency"}
+        sets, params = [], []
+        for column, value in fields.items():
+            if column not in allowed:
+                raise ValueError(column)
+            if column == "models" and value is not None:
+                value = json.dumps(sorted(set(value)))
+            sets.append(f"{column} = ?")
+            params.append(int(value) if isinstance(value, bool) else value)
+        if sets:
+            await self._transaction([(f"UPDATE accounts SET {', '.join(sets)} WHERE id = ?",
+                                      (*params, account.id))])
+        return await self.account(name)
+
+    async def add_coins(self, name: str, amount: int, note: str | None = None,
+                        *, now: float | None = None) -> AccountRow:
+        account = await self.account(name)
+        await self._transaction([
+            ("INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
+             (account.id, time.time() if now is None else now, amount, note)),
+            ("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account.id)),
+        ])
+        return await self.account(name)
+
+    async def ledger_total(self, account_id: int) -> int:
+        row = await self._one("SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = ?",
+                              (account_id,))
+        return int(row[0])
+
+    async def usage_cost_total(self, account_id: int) -> int:
+        """From the daily aggregate, which pruning the raw log leaves intact."""
+        row = await self._one("SELECT coalesce(sum(cost), 0) FROM usage_daily WHERE account_id = ?",
+                              (account_id,))
+        return int(row[0])
+
+    # -- keys ---------------------------------------------------------------------------------------
+    async def create_key(self, account_name: str, label: str | None = None,
+                         expires_at: float | None = None, *, now: float | None = None) -> tuple[str, KeyRow]:
+        """Create a key; the full key is returned once and only its hash is stored."""
+        account = await self.account(account_name)
+        key = new_key()
+        now = time.time() if now is None else now
+        await self._transaction([(
+            "INSERT INTO keys (account_id, hash, prefix, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (account.id, hash_key(key), visible_prefix(key), label, now, expires_at),
+        )])
+        row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE hash = ?", (hash_key(key),))
+        return key, _key(row)
+
+    async def find_key(self, key_or_id: str) -> KeyRow:
+        if looks_like_key(key_or_id):
+            row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE hash = ?", (hash_key(key_or_id),))
+        elif key_or_id.isdigit():
+            row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE id = ?", (int(key_or_id),))
+        else:
+            raise StoreError(f"{key_or_id!r} is neither a key (sk_...) nor a key id (see: lumen-proxy keys list)")
+        if row is None:
+            raise StoreError("no such key (see: lumen-proxy keys list)")
+        return _key(row)
+
+    async def revoke_key(self, key_or_id: str, *, now: float | None = None) -> KeyRow:
+        key = await self.find_key(key_or_id)
+        if key.revoked_at is None:
+            await self._transaction([("UPDATE keys SET revoked_at = ? WHERE id = ?",
+                                      (time.time() if now is None else now, key.id))])
+        return await self.find_key(str(key.id))
+
+    async def keys(self, account_name: str | None = None) -> list[tuple[KeyRow, str]]:
+        sql = (f"SELECT {', '.join('k.' + c.strip() for c in _KEY_COLS.split(','))}, a.name "
+               "FROM keys k JOIN accounts a ON a.id = k.account_id")
+        params: tuple[Any, ...] = ()
+        if account_name is not None:
+            await self.account(account_name)
+            sql += " WHERE a.name = ?"
+            params = (account_name,)
+        return [(_key(r[:9]), r[9]) for r in await self._all(sql + " ORDER BY k.id", params)]
+
+    # -- usage --------------------------------------------------------------------------------------
+    async def write_usage(self, rows: Sequence[UsageRow]) -> dict[int, int]:
+        """Insert rows, debit balances, update daily aggregates and key use, in ONE transaction.
+
+        Returns the micro-coins debited per account, so the in-memory wallets can follow.
+        """
+        debits: dict[int, int] = {}
+        daily: dict[tuple[str, int, str, int], list[int]] = {}
+        last_used: dict[int, float] = {}
+        for r in rows:
+            debits[r.account_id] = debits.get(r.account_id, 0) + r.cost
+            agg = daily.setdefault((utc_day(r.time), r.account_id, r.model, r.key_id), [0, 0, 0, 0, 0])
+            agg[0] += 1
+            agg[1] += r.status >= 400
+            agg[2] += r.prompt_tokens
+            agg[3] += r.completion_tokens
+            agg[4] += r.cost
+            last_used[r.key_id] = max(last_used.get(r.key_id, 0.0), r.time)
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self.conn.executemany(
+                "INSERT INTO usage (request_id, time, account_id, key_id, model, backend, endpoint, status,"
+                " prompt_tokens, completion_tokens, cost, estimated, partial, duration_ms, ttfb_ms, details)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.request_id, r.time, r.account_id, r.key_id, r.model, r.backend, r.endpoint, r.status,
+                  r.prompt_tokens, r.completion_tokens, r.cost, int(r.estimated), int(r.partial),
+                  round(r.duration_ms, 3), None if r.ttfb_ms is None else round(r.ttfb_ms, 3),
+                  json.dumps(r.details) if r.details else None) for r in rows],
+            )
+            await self.conn.executemany(
+                "UPDATE accounts SET balance = balance - ? WHERE id = ?",
+                [(cost, account_id) for account_id, cost in debits.items() if cost],
+            )
+            await self.conn.executemany(
+                "INSERT INTO usage_daily (day, account_id, model, key_id, requests, errors, prompt_tokens,"
+                " completion_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (day, account_id, model, key_id) DO UPDATE SET"
+                " requests = requests + excluded.requests, errors = errors + excluded.errors,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens,"
+                " cost = cost + excluded.cost",
+                [(*k, *v) for k, v in daily.items()],
+            )
+            await self.conn.executemany(
+                "UPDATE keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
+                [(t, key_id) for key_id, t in last_used.items()],
+            )
+            await self.conn.commit()
+        except BaseException:
+            await self.conn.rollback()
+            raise
+        return debits
+
+    async def usage_report(self, account_id: int | None = None, *, since: str | None = None,
+                           until: str | None = None, by: str = "day") -> list[dict[str, Any]]:
+        """Sum the daily aggregate (never the raw log), grouped by day, model, key or account."""
+        group = {"day": "d.day", "model": "d.model", "key": "d.key_id", "account": "a.name"}[by]
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if account_id is not None:
+            where.append("d.account_id = ?")
+            params.append(account_id)
+        if since:
+            where.append("d.day >= ?")
+            params.append(since)
+        if until:
+            where.append("d.day <= ?")
+            params.append(until)
+        rows = await self._all(
+            f"SELECT {group}, sum(d.requests), sum(d.errors), sum(d.prompt_tokens), sum(d.completion_tokens),"
+            f" sum(d.cost) FROM usage_daily d JOIN accounts a ON a.id = d.account_id"
+            f" WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",
+            params,
+        )
+        return [{by: r[0], "requests": r[1], "errors": r[2], "prompt_tokens": r[3],
+                 "completion_tokens": r[4], "cost": r[5]} for r in rows]
+
+    async def recent_requests(self, account_id: int, since: float) -> int:
+        row = await self._one("SELECT count(*) FROM usage WHERE account_id = ? AND time >= ?", (account_id, since))
+        return int(row[0])
+
+    async def prune_usage(self, before: float, batch: int = 5000) -> int:
+        """Delete raw rows older than ``before`` in small transactions (the server keeps writing)."""
+        deleted = 0
+        while True:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.conn.execute(
+                    "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE time < ? LIMIT ?)", (before, batch)
+                )
+                count = cur.rowcount
+                await self.conn.commit()
+            except BaseException:
+                await self.conn.rollback()
+                raise
+            deleted += count
+            if count < batch:
+                return deleted
+
+    async def usage_rows(self, request_id: str) -> list[dict[str, Any]]:
+        async with self.conn.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,)) as cur:
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
