@@ -205,9 +205,8 @@ LUMEN_COINS = 1_000_000
 
 
 def lumen_argv() -> list[str]:
-    """The installed console script, else the package run as a module."""
-    script = shutil.which("lumen-proxy")
-    return [script] if script else [sys.executable, "-m", "lumen_proxy"]
+    """The package on this interpreter (a pyenv shim or another venv's script could be another one)."""
+    return [sys.executable, "-m", "lumen_proxy"]
 
 
 def lumen_admin(config: Path, *args: str) -> str:

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 log = logging.getLogger("lumen_proxy")
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 class LumenError(Exception):

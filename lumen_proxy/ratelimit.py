@@ -15,9 +15,13 @@ Usage::
     finally:
         outcome.release()
 
-Subjects are named ``"<scope>:<id>"``; the scope ("key", "account") is what a refusal reports.
+Subjects are named ``"<scope>:<id>"`` or ``"<scope>:<id>:<qualifier>"`` ("key:12", "account:3",
+"account:3:gpt-4o"); a refusal reports the scope, and its message says "on your account for gpt-4o".
 Limits come with every call (``LimitSpec``; 0 means unlimited) while state is keyed by name, so a
-config reload that raises or lowers a limit keeps the window it has.
+config reload that raises or lowers a limit keeps the window it has: the log is trimmed by time
+only, so a lowered limit counts every admission still in the window (and refuses until enough
+leave), a raised one admits the difference at once. Admissions made while both rpm and tpm were
+0 are not logged, so a limit switched on later starts from an empty window.
 
 Invariants
 - True sliding window: an admission at time t counts while ``now < t + window``. In every
@@ -29,7 +33,7 @@ Invariants
   no such time; it reports ``CONCURRENCY_RETRY_AFTER``.
 - A request whose estimate alone exceeds ``tpm`` can never fit: it is refused at once with
   ``retry_after=None`` (``is_too_large``) and headers that tell OpenAI's SDK not to retry
-  (``x-should-retry: false``, no Retry-After), as OpenAI does for "Request too large".
+  (``x-should-retry: false``, no Retry-After). OpenAI too answers "Request too large" with a 429.
 - Memory follows active subjects: a log holds one (time, tokens) pair per admission in the
   window, 16 bytes each, only while rpm or tpm is set; with rpm set it never exceeds the largest
   rpm in force during the window. ``sweep()`` forgets subjects idle for a whole window; it
@@ -164,6 +168,7 @@ class Refusal:
 
     limit: LimitName
     scope: str
+    subject: str
     limit_value: int
     retry_after: float | None
     message: str
@@ -298,16 +303,20 @@ class RateLimiter:
                 rank = math.inf if retry is None else retry
                 if worst is None or rank > worst[0]:
                     used = state.token_sum if state is not None else 0
-                    worst = (rank, limit, name.partition(":")[0], value, retry, used)
+                    worst = (rank, limit, name, value, retry, used)
         if worst is None:
             raise RuntimeError("admit() saw a limit that _blocking() does not")
-        _, limit, scope, value, retry, used = worst
+        _, limit, name, value, retry, used = worst
+        scope, _, rest = name.partition(":")
+        qualifier = rest.partition(":")[2]
+        where = f"your {scope} for {qualifier}" if qualifier else f"your {scope}"
         return Refusal(
             limit=limit,
             scope=scope,
+            subject=name,
             limit_value=value,
             retry_after=retry,
-            message=_message(limit, scope, value, retry, used, tokens, self._window),
+            message=_message(limit, where, value, retry, used, tokens, self._window),
             rate_headers=_rate_headers(zip((spec for _, spec in subjects), states, strict=True), now, self._window),
         )
 
@@ -337,21 +346,21 @@ def _until_out(logged_at: float, now: float, window: float) -> float:
 
 
 def _message(
-    limit: LimitName, scope: str, value: int, retry: float | None, used: int, tokens: int, window: float
+    limit: LimitName, where: str, value: int, retry: float | None, used: int, tokens: int, window: float
 ) -> str:
     per = "per minute" if window == 60 else f"per {window:g}s"
     if retry is None:
         return (
-            f"Request too large for tokens {per} (limit {value}, requested {tokens}) on your {scope}. "
+            f"Request too large for tokens {per} (limit {value}, requested {tokens}) on {where}. "
             "Reduce the prompt or max_tokens; retrying will not help."
         )
     after = f"Retry after {format_duration(retry)}."
     if limit == "concurrency":
-        return f"Too many concurrent requests (limit {value}) on your {scope}. {after}"
+        return f"Too many concurrent requests (limit {value}) on {where}. {after}"
     if limit == "tokens":
         detail = f"limit {value}, used {used}, requested {tokens}"
-        return f"Rate limit reached for tokens {per} ({detail}) on your {scope}. {after}"
-    return f"Rate limit reached for requests {per} (limit {value}) on your {scope}. {after}"
+        return f"Rate limit reached for tokens {per} ({detail}) on {where}. {after}"
+    return f"Rate limit reached for requests {per} (limit {value}) on {where}. {after}"
 
 
 def _rate_headers(pairs: Iterable[tuple[LimitSpec, _Subject | None]], now: float, window: float) -> dict[str, str]:

@@ -53,12 +53,14 @@ _FAILURES: dict[int, tuple[str, str, str | None]] = {
 class Behavior:
     """How the fake misbehaves; tests mutate the fields of `state.behavior` between requests."""
 
-    fail_status: int | None = None  # answer every request with this status and an OpenAI error body
-    fail_times: int | None = None  # with fail_status: fail only this many requests, then recover
+    # fail_status answers every request (GET /health and /v1/models too) with an OpenAI error body;
+    # fail_times, if set, counts the failing requests down to 0, after which the fake recovers.
+    fail_status: int | None = None
+    fail_times: int | None = None
     api_key: str | None = None  # when set, any other Bearer token gets 401 invalid_api_key
     strict_models: bool = False  # unknown model -> 404 model_not_found (the proxy must rewrite names)
     max_context_tokens: int | None = None  # prompt_tokens above it -> 400 context_length_exceeded
-    first_byte_delay: float = 0.0  # seconds before anything is sent (for timeouts)
+    first_byte_delay: float = 0.0  # seconds before anything is sent, on every route (for timeouts)
     chunk_delay: float = 0.0  # seconds between stream events
     die_after_chunks: int | None = None  # close the connection after N data events (no [DONE])
     error_event_after_chunks: int | None = None  # send `data: {"error": ...}` then [DONE] after N
@@ -79,7 +81,8 @@ class RecordedRequest:
     headers: CIMultiDict[str]
     body: Any  # the parsed JSON body, or None (GET, or not JSON)
     status: int = 0
-    sent: bytearray = field(default_factory=bytearray)  # exact body bytes written, SSE included
+    # The exact body bytes written, SSE included; a write cut short by the client's departure counts.
+    sent: bytearray = field(default_factory=bytearray)
     finished: bool = False  # the whole response went out
     disconnected: bool = False  # the client went away before the response was complete
     response: web.StreamResponse | None = None
@@ -242,9 +245,7 @@ def _refusal(state: UpstreamState, request: web.Request, body: Any) -> web.Respo
     """The error response the behaviour or the request calls for, checked before any handler."""
     behavior = state.behavior
     if behavior.api_key is not None and request.headers.get("Authorization") != f"Bearer {behavior.api_key}":
-        return error_response(
-            401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
-        )
+        return error_response(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
     if behavior.fail_status is not None and behavior.fail_times != 0:
         if behavior.fail_times is not None:
             behavior.fail_times -= 1
@@ -253,14 +254,10 @@ def _refusal(state: UpstreamState, request: web.Request, body: Any) -> web.Respo
     if request.method != "POST":
         return None
     if not isinstance(body, dict):
-        return error_response(
-            400, "We could not parse the JSON body of your request.", "invalid_request_error"
-        )
+        return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
     model = body.get("model")
     if not isinstance(model, str):
-        return error_response(
-            400, "you must provide a model parameter", "invalid_request_error", param="model"
-        )
+        return error_response(400, "you must provide a model parameter", "invalid_request_error", param="model")
     if behavior.strict_models and model not in state.models:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return error_response(404, message, "invalid_request_error", code="model_not_found")
@@ -276,8 +273,7 @@ def _old_vllm_stream_options_error(body: JSON) -> web.Response:
     """The 400 older vLLM builds answer: their own flat error shape, not OpenAI's nested one."""
     if body.get("stream"):
         message = (
-            "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
-            "'msg': 'Extra inputs are not permitted'}]"
+            "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), 'msg': 'Extra inputs are not permitted'}]"
         )
     else:
         message = "Stream options can only be defined when `stream=True`."
@@ -321,9 +317,7 @@ async def _get_model(request: web.Request) -> web.Response:
     if model_id not in state.models:
         message = f"The model `{model_id}` does not exist or you do not have access to it."
         return error_response(404, message, "invalid_request_error", code="model_not_found")
-    return web.Response(
-        body=orjson.dumps(_model_object(model_id, state.name)), content_type="application/json"
-    )
+    return web.Response(body=orjson.dumps(_model_object(model_id, state.name)), content_type="application/json")
 
 
 # ---- usage ----
@@ -368,9 +362,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     body: JSON = request[_RECORD].body
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        return error_response(
-            400, "messages must be a non-empty list", "invalid_request_error", param="messages"
-        )
+        return error_response(400, "messages must be a non-empty list", "invalid_request_error", param="messages")
     prompt_tokens = count_prompt_tokens(messages)
     limit = state.behavior.max_context_tokens
     if limit is not None and prompt_tokens > limit:
@@ -413,9 +405,7 @@ def _chat_deltas(pieces: list[str], tool: str | None, call_id: str) -> list[JSON
     if not tool:
         return [{"content": piece} for piece in pieces]
     opening = {"index": 0, "id": call_id, "type": "function", "function": {"name": tool, "arguments": ""}}
-    fragments = [
-        {"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in TOOL_ARGUMENT_FRAGMENTS
-    ]
+    fragments = [{"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in TOOL_ARGUMENT_FRAGMENTS]
     return [{"tool_calls": [opening]}, *fragments]
 
 
@@ -512,9 +502,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     body: JSON = request[_RECORD].body
     texts, prompt_tokens = _prompt_texts(body.get("prompt"))
     if not texts:
-        return error_response(
-            400, "prompt must be a string or a list", "invalid_request_error", param="prompt"
-        )
+        return error_response(400, "prompt must be a string or a list", "invalid_request_error", param="prompt")
     limit = state.behavior.max_context_tokens
     if limit is not None and prompt_tokens > limit:
         return _context_length_error(limit, prompt_tokens, "prompt")
@@ -562,9 +550,7 @@ async def _embeddings(request: web.Request) -> web.Response:
     body: JSON = request[_RECORD].body
     inputs = _embedding_inputs(body.get("input"))
     if inputs is None:
-        return error_response(
-            400, "input must be a string or an array", "invalid_request_error", param="input"
-        )
+        return error_response(400, "input must be a string or an array", "invalid_request_error", param="input")
     dimensions = body.get("dimensions")
     if not isinstance(dimensions, int):
         dimensions = 8
@@ -572,9 +558,7 @@ async def _embeddings(request: web.Request) -> web.Response:
     data = []
     for index, text in enumerate(inputs):
         vector = embedding_vector(text, dimensions)
-        encoded: Any = (
-            base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
-        )
+        encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     tokens = sum(len(t.split()) for t in inputs)
     payload = {

@@ -41,9 +41,7 @@ def ensure_node_modules(timeout: float = 300.0) -> None:
     )
 
 
-def node_command(
-    name: str, base_url: str, api_key: str, model: str | None
-) -> tuple[list[str], dict[str, str]]:
+def node_command(name: str, base_url: str, api_key: str, model: str | None) -> tuple[list[str], dict[str, str]]:
     """argv and environment for one example; OPENAI_* is dropped so nothing reaches past the proxy."""
     if name not in EXAMPLES:
         raise ValueError(f"unknown Node example {name!r}; known: {', '.join(EXAMPLES)}")

@@ -13,7 +13,9 @@ from typing import Literal
 import aiohttp
 import openai
 import pytest
-from fake_upstream import (
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+
+from tests.fake_upstream import (
     TOOL_ARGUMENT_FRAGMENTS,
     TOOL_ARGUMENTS,
     UpstreamServer,
@@ -24,8 +26,7 @@ from fake_upstream import (
     serve_upstream,
     split_pieces,
 )
-from nodejs import arun_node_example, ensure_node_modules, node_available
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from tests.nodejs import arun_node_example, ensure_node_modules, node_available
 
 MODEL = "fake-model"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
@@ -91,9 +92,7 @@ async def test_chat_reply_reflects_system_prompt_and_turns(
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == count_prompt_tokens(messages) == 7 + 3 * 4
     assert completion.usage.completion_tokens == len(split_pieces(choice.message.content))
-    assert (
-        completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
-    )
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
 
 
 async def test_request_is_recorded_with_headers_body_and_sent_bytes(
@@ -139,9 +138,7 @@ async def test_omit_usage_non_stream(client: openai.AsyncOpenAI, upstream: Upstr
 # ---- chat, stream ----
 
 
-async def test_stream_without_include_usage_has_no_usage(
-    client: openai.AsyncOpenAI, upstream: UpstreamServer
-) -> None:
+async def test_stream_without_include_usage_has_no_usage(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
     stream = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -210,9 +207,7 @@ async def test_stream_is_written_chunk_by_chunk(upstream: UpstreamServer) -> Non
     assert upstream.state.last.finished
 
 
-async def test_keep_alive_comments_are_ignored_by_the_sdk(
-    client: openai.AsyncOpenAI, upstream: UpstreamServer
-) -> None:
+async def test_keep_alive_comments_are_ignored_by_the_sdk(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
     upstream.state.behavior.keep_alive = True
     stream = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
@@ -308,9 +303,7 @@ async def test_completions_stream_with_usage(client: openai.AsyncOpenAI) -> None
 async def test_embeddings(
     client: openai.AsyncOpenAI, upstream: UpstreamServer, encoding_format: Literal["float"] | openai.Omit
 ) -> None:
-    result = await client.embeddings.create(
-        model="fake-embed", input=["a b", "c"], encoding_format=encoding_format
-    )
+    result = await client.embeddings.create(model="fake-embed", input=["a b", "c"], encoding_format=encoding_format)
     assert [e.index for e in result.data] == [0, 1]
     assert result.data[0].embedding == embedding_vector("a b")
     assert result.data[1].embedding == embedding_vector("c")
@@ -376,9 +369,7 @@ async def test_wrong_backend_key_is_401(client: openai.AsyncOpenAI, upstream: Up
     assert caught.value.code == "invalid_api_key"
 
 
-async def test_strict_models_rejects_unknown_model(
-    client: openai.AsyncOpenAI, upstream: UpstreamServer
-) -> None:
+async def test_strict_models_rejects_unknown_model(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
     upstream.state.behavior.strict_models = True
     with pytest.raises(openai.NotFoundError) as caught:
         await client.chat.completions.create(model="gpt-4o", messages=HELLO)
@@ -425,18 +416,14 @@ async def test_stream_options_without_stream_rejected_like_vllm(
 
 async def test_slow_first_byte_times_out_and_is_seen_as_a_disconnect(upstream: UpstreamServer) -> None:
     upstream.state.behavior.first_byte_delay = 5.0
-    async with openai.AsyncOpenAI(
-        base_url=upstream.base_url, api_key="x", max_retries=0, timeout=0.2
-    ) as client:
+    async with openai.AsyncOpenAI(base_url=upstream.base_url, api_key="x", max_retries=0, timeout=0.2) as client:
         with pytest.raises(openai.APITimeoutError):
             await client.chat.completions.create(model=MODEL, messages=HELLO)
     await asyncio.wait_for(upstream.state.disconnected.wait(), timeout=2)
     assert upstream.state.last.disconnected and upstream.state.disconnects == 1
 
 
-async def test_client_leaving_mid_stream_is_seen_at_once(
-    client: openai.AsyncOpenAI, upstream: UpstreamServer
-) -> None:
+async def test_client_leaving_mid_stream_is_seen_at_once(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
     upstream.state.behavior.chunk_delay = 5.0  # the handler sleeps: only cancellation can notice the client
     stream = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
     first = await anext(aiter(stream))
@@ -448,9 +435,7 @@ async def test_client_leaving_mid_stream_is_seen_at_once(
     assert len(record.events()) == 1
 
 
-async def test_die_mid_stream_truncates_the_body(
-    client: openai.AsyncOpenAI, upstream: UpstreamServer
-) -> None:
+async def test_die_mid_stream_truncates_the_body(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
     upstream.state.behavior.die_after_chunks = 2
     stream = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
     received = []
@@ -484,9 +469,7 @@ async def test_error_event_mid_stream(client: openai.AsyncOpenAI, upstream: Upst
     ]
 
 
-async def test_stop_and_restart_on_the_same_port(
-    client: openai.AsyncOpenAI, upstream: UpstreamServer
-) -> None:
+async def test_stop_and_restart_on_the_same_port(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
     port = upstream.port
     await upstream.stop()
     with pytest.raises(openai.APIConnectionError):

@@ -218,8 +218,23 @@ def test_account_limit_is_shared_by_its_keys(limiter: RateLimiter) -> None:
     for name in ("key:1", "key:1", "key:2"):
         admitted(limiter.admit([(name, LimitSpec(rpm=10)), account], tokens=1))
     refusal = refused(limiter.admit([("key:2", LimitSpec(rpm=10)), account], tokens=1))
-    assert (refusal.limit, refusal.scope, refusal.limit_value) == ("requests", "account", 3)
+    assert (refusal.limit, refusal.scope, refusal.subject, refusal.limit_value) == (
+        "requests",
+        "account",
+        "account:7",
+        3,
+    )
     assert refusal.message.endswith("on your account. Retry after 1m0s.")
+
+
+def test_qualified_subject_names_its_qualifier(limiter: RateLimiter) -> None:
+    per_model = ("account:7:gpt-4o", LimitSpec(rpm=1))
+    admitted(limiter.admit([("key:1", LimitSpec()), ("account:7", LimitSpec()), per_model], tokens=1))
+    refusal = refused(limiter.admit([("key:2", LimitSpec()), ("account:7", LimitSpec()), per_model], tokens=1))
+    assert (refusal.scope, refusal.subject) == ("account", "account:7:gpt-4o")
+    assert refusal.message == (
+        "Rate limit reached for requests per minute (limit 1) on your account for gpt-4o. Retry after 1m0s."
+    )
 
 
 def test_refusal_records_nothing_anywhere(limiter: RateLimiter) -> None:
