@@ -165,14 +165,15 @@ class Runner:
 
     def soak(self) -> dict[str, Any]:
         """Two capped wrk runs at c=32, RSS sampled after each."""
-        samples, served = [], 0
+        samples, served, at = [], 0, []
         for _ in range(2):
             result = self.wrk(32, 3600, max_requests=self.plan.soak_half)
             served += result.requests
             time.sleep(0.5)  # let the last handlers and the usage writer finish
             samples.append(procstat.memory_mib(self.target.pid, "VmRSS"))
+            at.append(served)
             log(f"  soak: {served:,} requests, RSS {samples[-1]:.1f} MiB")
-        return {"rss_mib": samples, "requests": served}
+        return {"rss_mib": samples, "at_requests": at}
 
 
 def log(message: str) -> None:

@@ -59,6 +59,7 @@ class Call:
     partial: bool = False
     upstream_at: float | None = None
     first_byte_at: float | None = None
+    prompt: Any = None  # only with log_prompts: true (debugging); never logged otherwise
 
     def ms_since_start(self, at: float | None = None) -> float:
         return ((at if at is not None else time.perf_counter()) - self.started) * 1000
@@ -98,9 +99,9 @@ def limit_subjects(rt: Runtime, principal: Principal, model: Model) -> list[tupl
         tpm=default.tpm if account.tpm is None else account.tpm,
         concurrency=default.concurrency if account.concurrency is None else account.concurrency,
     )
-    subjects = [(f"k{principal.key_id}", default), (f"a{account.id}", account_spec)]
+    subjects = [(f"key:{principal.key_id}", default), (f"account:{account.id}", account_spec)]
     if model.limits is not None:
-        subjects.append((f"a{account.id}:{model.name}", model.limits))
+        subjects.append((f"account:{account.id}:{model.name}", model.limits))
     return subjects
 
 
@@ -124,6 +125,8 @@ async def relay(request: web.Request) -> web.StreamResponse:
     path = request.path[3:]  # "/v1/chat/completions" -> "/chat/completions"
     raw, body = await read_json_body(request, rt.config.max_body_bytes)
     call = Call(request[REQUEST_ID], principal, body["model"][:200], request.path)
+    if rt.config.log_prompts:
+        call.prompt = body.get("messages", body.get("prompt", body.get("input")))
     ticket: Ticket | None = None
     hold: billing.Hold | None = None
     model: Model | None = None
@@ -179,7 +182,7 @@ def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | No
         ttfb_ms=call.ms_since_start(call.first_byte_at) if call.first_byte_at else None,
         details=_details(call.usage),
     )
-    rt.usage.record(row, call.principal.account.name)
+    rt.usage.record(row, call.principal.account.name, prompt=call.prompt)
     rt.metrics.request_done(row, call.principal.account.name)
 
 

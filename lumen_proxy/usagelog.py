@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
@@ -25,28 +25,31 @@ log = logging.getLogger("lumen_proxy")
 
 class UsageLog:
     def __init__(self, store: Store, wallets: Wallets, lock: asyncio.Lock, *, interval: float = 0.1,
-                 access_log: TextIO | None = sys.stdout, names: dict[int, str] | None = None) -> None:
+                 access_log: TextIO | None = sys.stdout) -> None:
         self.store, self.wallets, self.lock, self.interval = store, wallets, lock, interval
         self.access_log = access_log
         self._queue: list[UsageRow] = []
         self.written = 0
         self.failures = 0
 
-    def record(self, row: UsageRow, account_name: str) -> None:
+    def record(self, row: UsageRow, account_name: str, *, prompt: Any = None) -> None:
         self._queue.append(row)
         if self.access_log is not None:
-            self._log_line(row, account_name)
+            self._log_line(row, account_name, prompt)
 
-    def _log_line(self, row: UsageRow, account_name: str) -> None:
-        """One JSON line per request: never the key, never prompt or completion text."""
-        line = orjson.dumps({
+    def _log_line(self, row: UsageRow, account_name: str, prompt: Any) -> None:
+        """One JSON line per request: never the key; the prompt only when log_prompts is on."""
+        fields = {
             "time": round(row.time, 3), "request_id": row.request_id, "account": account_name,
             "key_id": row.key_id, "model": row.model, "endpoint": row.endpoint, "backend": row.backend,
             "status": row.status, "prompt_tokens": row.prompt_tokens,
             "completion_tokens": row.completion_tokens, "cost": row.cost / 1_000_000,
             "estimated": row.estimated, "partial": row.partial, "duration_ms": round(row.duration_ms, 2),
             "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 2),
-        })
+        }
+        if prompt is not None:
+            fields["prompt"] = prompt
+        line = orjson.dumps(fields, default=str)
         try:
             assert self.access_log is not None
             self.access_log.write(line.decode() + "\n")
