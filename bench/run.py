@@ -202,7 +202,8 @@ def finish_lumen(runner: Runner, result: dict[str, Any]) -> None:
     result["soak"] = runner.soak()
     result["exit_code"] = target.stop()
     result["exit_seconds"] = target.exit_seconds
-    assert target.config is not None
+    if target.config is None:
+        raise targets.TargetError("lumen target has no config file")
     db = target.config.parent / "lumen.db"
     checks = {
         "usage_check": usage_check.check_usage_log(db, runner.tally.ok, runner.tally.in_flight),

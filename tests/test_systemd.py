@@ -25,7 +25,7 @@ from lumen_proxy import sdnotify
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "lumen-proxy.service"
-DOCS = ROOT / "docs" / "production.md"
+DOCS = ROOT / "README.md"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze missing: apt-get install --no-install-recommends systemd"
@@ -398,6 +398,8 @@ def _serve_config(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
         config: Path = request.getfixturevalue("serve_config")
     except pytest.FixtureLookupError:
         pytest.skip("tests/conftest.py has no `serve_config` fixture (path to a valid lumen.yaml) yet")
+    if config.parent == tmp_path:  # the fixture already wrote a private file for this test
+        return config
     copy = tmp_path / "lumen.yaml"
     shutil.copyfile(config, copy)
     return copy

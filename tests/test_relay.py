@@ -1,0 +1,280 @@
+"""The relay, non-stream: what the client sends reaches the backend unchanged but for ``model``, and
+what the backend answers reaches the client unchanged. Driven by the real ``openai`` SDK, and by raw
+aiohttp where the bytes themselves are the point.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+
+from tests.conftest import UPSTREAM_KEY, Proxy
+from tests.fake_upstream import TOOL_ARGUMENTS, UpstreamServer, chat_reply, count_prompt_tokens, embedding_vector
+
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Explain quantum entanglement"}]
+WEATHER_TOOL: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# ---- models ----
+
+
+async def test_models_list_is_openais_list_format(proxy: Proxy, alice: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{proxy.base_url}/models", headers=bearer(alice)) as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        listing = await response.json()
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["gpt-4o", "text-embedding-3-small", "echo"]
+    for model in listing["data"]:
+        assert set(model) == {"id", "object", "created", "owned_by"}
+        assert model["object"] == "model"
+        assert isinstance(model["created"], int) and isinstance(model["owned_by"], str)
+
+
+async def test_models_list_and_retrieve_with_the_sdk(proxy: Proxy, alice: str) -> None:
+    client = proxy.sdk(alice)
+    assert [m.id async for m in client.models.list()] == ["gpt-4o", "text-embedding-3-small", "echo"]
+    model = await client.models.retrieve("gpt-4o")
+    assert (model.id, model.object) == ("gpt-4o", "model")
+
+
+async def test_retrieving_an_unknown_model_is_404_model_not_found(proxy: Proxy, alice: str) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await proxy.sdk(alice).models.retrieve("gpt-5-turbo-max")
+    assert caught.value.code == "model_not_found"
+    assert "gpt-5-turbo-max" in caught.value.message
+
+
+# ---- chat, non-stream ----
+
+
+async def test_chat_reply_and_usage_come_from_the_backend(
+    proxy: Proxy, alice: str, upstream: UpstreamServer
+) -> None:
+    completion = await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert completion.choices[0].message.content == chat_reply("up1", HELLO)
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == count_prompt_tokens(HELLO)
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+async def test_non_stream_body_reaches_the_client_byte_for_byte(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    upstream.state.behavior.cached_tokens = 3  # usage details must survive too
+    body = {"model": "gpt-4o", "messages": HELLO}
+    async with http.post(f"{proxy.base_url}/chat/completions", json=body, headers=bearer(alice)) as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        received = await response.read()
+    assert received == bytes(upstream.state.last.sent)
+    assert json.loads(received)["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+
+
+async def test_model_is_rewritten_to_the_backends_name_and_nothing_else_changes(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    body: dict[str, Any] = {
+        "model": "gpt-4o",
+        "messages": HELLO,
+        "temperature": 0.25,
+        "max_tokens": 50,
+        "seed": 7,
+        "user": "alice@example.org",
+    }
+    async with http.post(f"{proxy.base_url}/chat/completions", json=body, headers=bearer(alice)) as response:
+        assert response.status == 200
+    assert upstream.state.last.body == {**body, "model": "fake-model"}
+
+
+async def test_unknown_request_fields_pass_through(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}},
+    }
+    await proxy.sdk(alice).chat.completions.create(
+        model="gpt-4o",
+        messages=HELLO,
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        response_format=response_format,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"top_k": 40, "repetition_penalty": 1.1, "chat_template_kwargs": {"thinking": False}},
+    )
+    sent = upstream.state.last.body
+    assert sent["model"] == "fake-model"
+    assert sent["tools"] == [WEATHER_TOOL]
+    assert sent["tool_choice"] == "none"
+    assert sent["response_format"] == response_format
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)
+    assert (sent["top_k"], sent["repetition_penalty"]) == (40, 1.1)
+    assert sent["chat_template_kwargs"] == {"thinking": False}
+
+
+async def test_backend_gets_its_own_key_and_never_the_clients(
+    proxy: Proxy, alice: str, upstream: UpstreamServer
+) -> None:
+    upstream.state.behavior.api_key = UPSTREAM_KEY  # the fake refuses any other key with 401
+    await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=HELLO)
+    seen = upstream.state.last.headers
+    assert seen["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert all(alice not in value for value in seen.values())
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    headers = {
+        **bearer(alice),
+        "Connection": "keep-alive, X-Hop-Only",
+        "Keep-Alive": "timeout=5",
+        "X-Hop-Only": "for the proxy only",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "Cookie": "session=abc",
+        "OpenAI-Organization": "org-physics",
+        "X-Custom-Trace": "trace-42",
+    }
+    body = {"model": "gpt-4o", "messages": HELLO}
+    async with http.post(f"{proxy.base_url}/chat/completions", json=body, headers=headers) as response:
+        assert response.status == 200
+    seen = upstream.state.last.headers
+    for name in ("Keep-Alive", "X-Hop-Only", "TE", "Proxy-Authorization", "Cookie"):
+        assert name not in seen, name
+    assert "X-Hop-Only" not in seen.get("Connection", "")
+    # End-to-end headers do reach the backend.
+    assert seen["OpenAI-Organization"] == "org-physics"
+    assert seen["X-Custom-Trace"] == "trace-42"
+
+
+async def test_tool_call_non_stream(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
+    completion = await proxy.sdk(alice).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL]
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function"
+    assert (call.function.name, call.function.arguments) == ("get_weather", TOOL_ARGUMENTS)
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+async def test_tool_result_turn_is_relayed(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": TOOL_ARGUMENTS}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+    ]
+    completion = await proxy.sdk(alice).chat.completions.create(
+        model="gpt-4o", messages=messages, tools=[WEATHER_TOOL]
+    )
+    assert completion.choices[0].message.content == chat_reply("up1", messages)
+    assert upstream.state.last.body["messages"] == messages
+
+
+# ---- completions and embeddings: the same relay ----
+
+
+async def test_text_completions_are_relayed(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
+    completion = await proxy.sdk(alice).completions.create(model="gpt-4o", prompt="Once upon a time", max_tokens=20)
+    assert completion.choices[0].text == "Echo from up1: Once upon a time"
+    assert completion.usage is not None and completion.usage.prompt_tokens == 4
+    assert upstream.state.last.path == "/v1/completions"
+    assert upstream.state.last.body == {"model": "fake-model", "prompt": "Once upon a time", "max_tokens": 20}
+
+
+async def test_embeddings_are_relayed(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
+    client = proxy.sdk(alice)
+    result = await client.embeddings.create(model="text-embedding-3-small", input=["alpha beta", "gamma"])
+    assert [d.embedding for d in result.data] == [embedding_vector("alpha beta"), embedding_vector("gamma")]
+    assert result.usage.prompt_tokens == 3
+    assert upstream.state.last.path == "/v1/embeddings"
+    assert upstream.state.last.body["model"] == "fake-embed"
+    # The SDK asks for base64 by default; that choice reaches the backend and its answer comes back.
+    assert upstream.state.last.body["encoding_format"] == "base64"
+
+
+async def test_embeddings_base64_bytes_are_untouched(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": "text-embedding-3-small", "input": "alpha", "encoding_format": "base64", "dimensions": 4}
+    async with http.post(f"{proxy.base_url}/embeddings", json=body, headers=bearer(alice)) as response:
+        assert response.status == 200
+        received = await response.read()
+    assert received == bytes(upstream.state.last.sent)
+    encoded = json.loads(received)["data"][0]["embedding"]
+    assert list(struct.unpack("<4f", base64.b64decode(encoded))) == embedding_vector("alpha", 4)
+
+
+# ---- the backend's own errors ----
+
+
+async def test_backend_4xx_reaches_the_client_with_its_status_and_body(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    upstream.state.behavior.max_context_tokens = 5
+    body = {"model": "gpt-4o", "messages": HELLO}
+    async with http.post(f"{proxy.base_url}/chat/completions", json=body, headers=bearer(alice)) as response:
+        assert response.status == 400
+        received = await response.read()
+    assert received == bytes(upstream.state.last.sent)
+    assert json.loads(received)["error"]["code"] == "context_length_exceeded"
+
+
+async def test_backend_4xx_with_the_sdk(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
+    upstream.state.behavior.max_context_tokens = 5
+    with pytest.raises(openai.BadRequestError) as caught:
+        await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert caught.value.status_code == 400
+    assert caught.value.code == "context_length_exceeded"
+    assert caught.value.param == "messages"
+    assert "maximum context length is 5 tokens" in caught.value.message
+
+
+async def test_backend_4xx_to_a_stream_request_is_a_json_error(
+    proxy: Proxy, alice: str, upstream: UpstreamServer
+) -> None:
+    upstream.state.behavior.max_context_tokens = 5
+    with pytest.raises(openai.BadRequestError) as caught:
+        await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    assert caught.value.code == "context_length_exceeded"
+
+
+async def test_success_carries_a_request_id(proxy: Proxy, alice: str) -> None:
+    first = await proxy.sdk(alice).chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    second = await proxy.sdk(alice).chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    assert first.request_id and second.request_id
+    assert first.request_id != second.request_id
