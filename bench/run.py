@@ -264,6 +264,8 @@ def _version(argv: list[str]) -> str:
 def environment(plan: Plan, pin: Pinning, load_before: str) -> list[str]:
     import aiohttp
 
+    load_after = Path("/proc/loadavg").read_text().split()[0]
+    busy = max(float(load_before), float(load_after)) > 1.0
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return [
@@ -271,8 +273,9 @@ def environment(plan: Plan, pin: Pinning, load_before: str) -> list[str]:
         f"(warm-up {plan.warmup_s}s; latency {plan.latency_s}s; throughput {plan.throughput_s}s per level; "
         f"streams {plan.streams_c16}/conn at c=16, {plan.streams_c256}/conn at c=256; "
         f"soak 2 × {plan.soak_half:,})",
-        f"- machine: {os.cpu_count()} CPUs ({cpu}); load average before/after: {load_before} / "
-        f"{Path('/proc/loadavg').read_text().split()[0]}",
+        f"- machine: {os.cpu_count()} CPUs ({cpu}); load average before/after: {load_before} / {load_after}",
+        *(["- **the machine was busy** (load average above 1: other processes shared both CPUs): "
+           "throughput, p99 and CPU-per-request figures are pessimistic; rerun on a quiet machine"] if busy else []),
         f"- pinning: {pin.description}",
         f"- Python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
         f"{_version([targets.nginx_binary() or 'nginx', '-v'])}, {_version(['wrk', '-v'])}",

@@ -123,10 +123,17 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
 
 
 def upstream_headers(incoming: Mapping[str, str], backend: Backend) -> CIMultiDict[str]:
-    """Forward the client's end-to-end headers, minus its credentials; add the backend's key."""
+    """Forward the client's end-to-end headers, minus its credentials; add the backend's key.
+
+    Headers the client's ``Connection`` names are hop-by-hop too (RFC 9110 7.6.1). We ask for an
+    uncompressed answer: bodies are relayed as bytes, without the backend's Content-Encoding.
+    """
+    named = {n.strip().lower() for k, v in incoming.items() if k.lower() == "connection" for n in v.split(",")}
     headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in _HOP_BY_HOP
+                          and k.lower() not in named
                           and not k.lower().startswith(("x-forwarded", "accept-encoding")))
     headers["Content-Type"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
     if backend.api_key:
         headers["Authorization"] = f"Bearer {backend.api_key}"
     return headers
@@ -176,12 +183,12 @@ async def connect(pool: BackendPool, model: Model, dial: Dialer) -> tuple[Backen
         pool.begin(backend)
         try:
             upstream = await dial(backend)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
-            pool.failed(backend, type(exc).__name__)
-            continue
-        except TimeoutError:
+        except TimeoutError:  # first: aiohttp's timeouts are also ClientConnectionErrors
             pool.failed(backend, "timeout")
             timed_out = True
+            continue
+        except (aiohttp.ClientError, ConnectionError) as exc:  # refused, reset, or not HTTP at all
+            pool.failed(backend, type(exc).__name__)
             continue
         if upstream.status >= 500:
             pool.failed(backend, f"HTTP {upstream.status}")

@@ -122,7 +122,9 @@ def error_response(error: LumenError, request_id: str) -> web.Response:
 
 def _translate_http(exc: web.HTTPException, request: web.Request) -> LumenError:
     if exc.status == 405:
-        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+        allow = exc.headers.get("Allow", "")  # RFC 9110: a 405 must say which methods are allowed
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.",
+                                headers={"Allow": allow})
     if exc.status == 404:
         return NotFound(f"Unknown path {request.path}. The API lives under /v1/ (e.g. /v1/chat/completions).")
     if exc.status == 413:

@@ -10,6 +10,7 @@ without awaiting, so even a handler cancelled by a disconnecting client bills an
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,11 +75,11 @@ class Call:
 
 async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {limit // (1024 * 1024)} MiB.")
+        raise PayloadTooLarge(f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB.")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {limit // (1024 * 1024)} MiB.") from None
+        raise PayloadTooLarge(f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB.") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -130,6 +131,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     ticket: Ticket | None = None
     hold: billing.Hold | None = None
     model: Model | None = None
+    rt.metrics.inflight.inc()
     try:
         model = require_model(rt.config, principal.account, body["model"])
         prompt_estimate = billing.estimate_prompt_tokens(len(raw))
@@ -154,11 +156,14 @@ async def relay(request: web.Request) -> web.StreamResponse:
         if ticket is not None:
             exc.headers = {**ticket.headers(), **exc.headers}
         raise
-    except BaseException:
-        call.status = call.status or 499  # cancelled: the client went away
-        call.partial = True
+    except asyncio.CancelledError:
+        call.status, call.partial = call.status or 499, True  # the client went away
+        raise
+    except Exception:
+        call.status, call.partial = 500, call.first_byte_at is not None  # a bug: logged by the middleware
         raise
     finally:
+        rt.metrics.inflight.dec()  # before finish: nothing may keep a cancelled request counted
         finish(rt, call, model, hold, ticket)
 
 
@@ -193,7 +198,8 @@ def tokens_of(call: Call) -> tuple[int, int, bool]:
         prompt = _int(usage.get("prompt_tokens"))
         completion = _int(usage.get("completion_tokens"))
         return prompt, completion, False
-    if call.first_byte_at is None or call.status >= 400:
+    cut_off = call.partial and call.estimate[1] > 0  # a stream that broke after events went out
+    if call.first_byte_at is None or (call.status >= 400 and not cut_off):
         return 0, 0, False
     return call.estimate[0], max(call.estimate[1], 1), True
 

@@ -316,8 +316,10 @@ class Store:
             agg[3] += r.completion_tokens
             agg[4] += r.cost
             last_used[r.key_id] = max(last_used.get(r.key_id, 0.0), r.time)
-        await self.conn.execute("BEGIN IMMEDIATE")
         try:
+            # Inside the try: a task cancelled while BEGIN is queued must still roll back, or the
+            # connection stays in a transaction and every later write fails.
+            await self.conn.execute("BEGIN IMMEDIATE")
             await self.conn.executemany(
                 "INSERT INTO usage (request_id, time, account_id, key_id, model, backend, endpoint, status,"
                 " prompt_tokens, completion_tokens, cost, estimated, partial, duration_ms, ttfb_ms, details)"

@@ -52,16 +52,28 @@ class UsageLog:
         line = orjson.dumps(fields, default=str)
         try:
             assert self.access_log is not None
-            self.access_log.write(line.decode() + "\n")
-            self.access_log.flush()
+            self.access_log.write(line.decode() + "\n")  # flushed with each batch, not per line
         except (OSError, ValueError):  # a closed stdout must not fail a request
             pass
+
+    def _flush_access_log(self) -> None:
+        if self.access_log is not None:
+            try:
+                self.access_log.flush()
+            except (OSError, ValueError):
+                pass
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     async def flush(self) -> int:
+        """Write the queue in one transaction. Shielded: a caller cancelled while SQLite commits (the
+        writer task at shutdown) must not put committed rows back in the queue, to be billed twice."""
+        return await asyncio.shield(self._flush())
+
+    async def _flush(self) -> int:
+        self._flush_access_log()
         async with self.lock:
             if not self._queue:
                 return 0

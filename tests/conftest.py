@@ -90,12 +90,14 @@ class Proxy:
         return self.origin + "/v1"
 
     async def account(self, name: str, coins: float = 1000, models: list[str] | None = None) -> AccountRow:
-        row = await self.rt.store.add_account(name, int(coins * 1_000_000), models)
+        async with self.rt.usage.lock:  # the server's own connection: never inside a usage batch
+            row = await self.rt.store.add_account(name, int(coins * 1_000_000), models)
         await self.rt.view.reload()
         return row
 
     async def key(self, account: str, expires_at: float | None = None) -> str:
-        key, _ = await self.rt.store.create_key(account, "test", expires_at)
+        async with self.rt.usage.lock:
+            key, _ = await self.rt.store.create_key(account, "test", expires_at)
         await self.rt.view.reload()
         return key
 

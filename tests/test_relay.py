@@ -9,15 +9,24 @@ import base64
 import json
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from tests.conftest import UPSTREAM_KEY, Proxy
-from tests.fake_upstream import TOOL_ARGUMENTS, UpstreamServer, chat_reply, count_prompt_tokens, embedding_vector
+from tests.conftest import UPSTREAM_KEY, MakeProxy, Proxy, build_config, config_dict
+from tests.fake_upstream import (
+    TOOL_ARGUMENTS,
+    UpstreamServer,
+    chat_reply,
+    count_prompt_tokens,
+    embedding_vector,
+    serve_upstream,
+)
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Explain quantum entanglement"}]
 WEATHER_TOOL: ChatCompletionToolParam = {
@@ -278,3 +287,28 @@ async def test_success_carries_a_request_id(proxy: Proxy, alice: str) -> None:
     second = await proxy.sdk(alice).chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
     assert first.request_id and second.request_id
     assert first.request_id != second.request_id
+
+
+async def test_a_backend_that_compresses_still_reaches_the_client_intact(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    """Real backends (OpenAI behind a CDN) gzip JSON whenever the request allows it."""
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        payload = {"id": "chatcmpl-z", "object": "chat.completion", "created": 1, "model": body["model"],
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "squeezed " * 200},
+                                "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 200, "total_tokens": 201}}
+        response = web.json_response(payload)
+        response.enable_compression()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_upstream(app) as gzipping:
+        gz = await make_proxy(build_config(tmp_path / "gz", config_dict(tmp_path / "gz", [gzipping.base_url])))
+        await gz.account("alice")
+        completion = await gz.sdk(await gz.key("alice")).chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert completion.choices[0].message.content == "squeezed " * 200
+    assert completion.usage is not None and completion.usage.completion_tokens == 200
