@@ -17,7 +17,7 @@ from aiohttp import web
 from . import __version__
 from .auth import require_model, visible_models
 from .config import Config, Model
-from .errors import InvalidKey, NotFound, error_middleware
+from .errors import BadRequest, NotFound, make_error_middleware
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
 from .store import utc_day
@@ -104,8 +104,6 @@ async def usage(request: web.Request) -> web.Response:
     principal = rt.view.authenticate(request.headers.get("Authorization"))
     by = request.query.get("by", "day")
     if by not in ("day", "model", "key"):
-        from .errors import BadRequest
-
         raise BadRequest("Parameter 'by' must be day, model or key.", param="by")
     since = request.query.get("since") or utc_day(time.time() - 30 * 86400)
     rows = await rt.store.usage_report(principal.account.id, since=since, until=request.query.get("until"), by=by)
@@ -114,15 +112,11 @@ async def usage(request: web.Request) -> web.Response:
     return _json({"object": "list", "account": principal.account.name, "by": by, "since": since, "data": rows})
 
 
-async def not_found(request: web.Request) -> web.Response:
-    raise NotFound(f"Unknown path {request.path}. The API lives under /v1/ (e.g. /v1/chat/completions).")
-
-
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                monotonic: Callable[[], float] = time.monotonic, usage_interval: float = 0.1,
                access_log: Any = None,
                on_ready: Callable[[Runtime], Coroutine[Any, Any, None]] | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[make_error_middleware()], client_max_size=config.max_body_bytes)
     app.cleanup_ctx.append(make_context(config, clock=clock, monotonic=monotonic, usage_interval=usage_interval,
                                         access_log=access_log, on_ready=on_ready))
     app.router.add_get("/v1/models", list_models)
@@ -135,5 +129,3 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     app.router.add_get("/lumen/v1/usage", usage)
     return app
 
-
-__all__ = ["create_app", "InvalidKey"]

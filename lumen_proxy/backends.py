@@ -118,8 +118,10 @@ class BackendPool:
         return any(self.state(b).up for b in model.backends)
 
 
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "host", "content-length", "authorization", "cookie"}
+_NOT_FORWARDED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
+    "upgrade", "host", "content-length", "authorization", "cookie", "accept-encoding", "content-type",
+})
 
 
 def upstream_headers(incoming: Mapping[str, str], backend: Backend) -> CIMultiDict[str]:
@@ -128,10 +130,13 @@ def upstream_headers(incoming: Mapping[str, str], backend: Backend) -> CIMultiDi
     Headers the client's ``Connection`` names are hop-by-hop too (RFC 9110 7.6.1). We ask for an
     uncompressed answer: bodies are relayed as bytes, without the backend's Content-Encoding.
     """
-    named = {n.strip().lower() for k, v in incoming.items() if k.lower() == "connection" for n in v.split(",")}
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in _HOP_BY_HOP
-                          and k.lower() not in named
-                          and not k.lower().startswith(("x-forwarded", "accept-encoding")))
+    connection = incoming.get("Connection")
+    named = {n.strip().lower() for n in connection.split(",")} if connection else set()
+    headers: CIMultiDict[str] = CIMultiDict()
+    for key, value in incoming.items():
+        lower = key.lower()
+        if lower not in _NOT_FORWARDED and lower not in named and not lower.startswith("x-forwarded"):
+            headers.add(key, value)
     headers["Content-Type"] = "application/json"
     headers["Accept-Encoding"] = "identity"
     if backend.api_key:
@@ -150,10 +155,19 @@ class HttpClient:
             skip_auto_headers=("User-Agent",),
         )
 
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, timeouts: Timeouts) -> None:
+        """Build the ClientTimeout once per config, not per request."""
+        self._timeouts = timeouts
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect,
+                                              sock_read=timeouts.first_byte)
+
     async def post(self, backend: Backend, path: str, body: bytes, headers: CIMultiDict[str]) -> HttpUpstream:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect,
-                                        connect=self.timeouts.connect, sock_read=self.timeouts.first_byte)
-        response = await self.session.post(backend.url + path, data=body, headers=headers, timeout=timeout,
+        response = await self.session.post(backend.url + path, data=body, headers=headers, timeout=self._timeout,
                                            allow_redirects=False)
         return HttpUpstream(response)
 

@@ -37,11 +37,18 @@ def coins_text(micro: int) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+MAX_COINS = 10**9  # per command: keeps every balance far inside SQLite's 64-bit INTEGER
+
+
 def parse_coins(text: str) -> int:
     try:
         amount = Decimal(text) * 1_000_000
     except InvalidOperation:
         raise CliError(f"invalid coin amount {text!r}: give a number like 10 or 2.5", 2) from None
+    if not amount.is_finite():  # NaN, Infinity
+        raise CliError(f"invalid coin amount {text!r}: give a number like 10 or 2.5", 2)
+    if abs(amount) > MAX_COINS * 1_000_000:
+        raise CliError(f"invalid coin amount {text!r}: at most {MAX_COINS} coins at a time", 2)
     if amount != amount.to_integral_value():
         raise CliError(f"invalid coin amount {text!r}: at most 6 decimals", 2)
     return int(amount)

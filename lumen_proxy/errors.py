@@ -19,12 +19,14 @@ Handlers raise; only :func:`error_middleware` builds responses, so every body is
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 log = logging.getLogger("lumen_proxy")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -110,8 +112,10 @@ class UpstreamTimeout(LumenError):
     status, type, code = 504, "server_error", "upstream_timeout"
 
 
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+def request_ids() -> Iterator[str]:
+    """Unique ids without a syscall per request: a random per-app prefix and a counter."""
+    prefix = "req_" + secrets.token_hex(8)
+    return (f"{prefix}{n:08x}" for n in itertools.count(1))
 
 
 def error_response(error: LumenError, request_id: str) -> web.Response:
@@ -135,23 +139,28 @@ def _translate_http(exc: web.HTTPException, request: web.Request) -> LumenError:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id and turn any failure into an OpenAI-shaped error (never a traceback)."""
-    request_id = new_request_id()  # ours, never the client's: it keys the usage row
-    request[REQUEST_ID] = request_id
-    try:
-        response = await handler(request)
-    except LumenError as exc:
-        return error_response(exc, request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_translate_http(exc, request), request_id)
-    except Exception:
-        log.exception("internal error on %s %s (request %s)", request.method, request.path, request_id)
-        return error_response(InternalError("Internal error. The administrator can find it in the logs "
-                                            f"under request id {request_id}."), request_id)
-    if not response.prepared:
-        response.headers.setdefault("x-request-id", request_id)
-    return response
+def make_error_middleware() -> Middleware:
+    ids = request_ids()
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Give every request an id and turn any failure into an OpenAI-shaped error (never a traceback)."""
+        request_id = next(ids)  # ours, never the client's: it keys the usage row
+        request[REQUEST_ID] = request_id
+        try:
+            response = await handler(request)
+        except LumenError as exc:
+            return error_response(exc, request_id)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(_translate_http(exc, request), request_id)
+        except Exception:
+            log.exception("internal error on %s %s (request %s)", request.method, request.path, request_id)
+            return error_response(InternalError("Internal error. The administrator can find it in the logs "
+                                                f"under request id {request_id}."), request_id)
+        if not response.prepared:
+            response.headers.setdefault("x-request-id", request_id)
+        return response
+
+    return error_middleware

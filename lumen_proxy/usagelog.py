@@ -23,45 +23,49 @@ from .store import Store, UsageRow
 log = logging.getLogger("lumen_proxy")
 
 
+def _log_fields(row: UsageRow, account: str, prompt: Any) -> dict[str, Any]:
+    fields = {
+        "time": round(row.time, 3), "request_id": row.request_id, "account": account,
+        "key_id": row.key_id, "model": row.model, "endpoint": row.endpoint, "backend": row.backend,
+        "status": row.status, "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens, "cost": row.cost / 1_000_000,
+        "estimated": row.estimated, "partial": row.partial, "duration_ms": round(row.duration_ms, 2),
+        "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 2),
+    }
+    if prompt is not None:
+        fields["prompt"] = prompt
+    return fields
+
+
 class UsageLog:
     def __init__(self, store: Store, wallets: Wallets, lock: asyncio.Lock, *, interval: float = 0.1,
                  access_log: TextIO | None = sys.stdout) -> None:
         self.store, self.wallets, self.lock, self.interval = store, wallets, lock, interval
         self.access_log = access_log
         self._queue: list[UsageRow] = []
+        self._log_queue: list[tuple[UsageRow, str, Any]] = []
         self.written = 0
         self.failures = 0
 
     def record(self, row: UsageRow, account_name: str, *, prompt: Any = None) -> None:
         self._queue.append(row)
         if self.access_log is not None:
-            self._log_line(row, account_name, prompt)
+            self._log_queue.append((row, account_name, prompt))
 
-    def _log_line(self, row: UsageRow, account_name: str, prompt: Any) -> None:
-        """One JSON line per request: never the key; the prompt only when log_prompts is on."""
-        fields = {
-            "time": round(row.time, 3), "request_id": row.request_id, "account": account_name,
-            "key_id": row.key_id, "model": row.model, "endpoint": row.endpoint, "backend": row.backend,
-            "status": row.status, "prompt_tokens": row.prompt_tokens,
-            "completion_tokens": row.completion_tokens, "cost": row.cost / 1_000_000,
-            "estimated": row.estimated, "partial": row.partial, "duration_ms": round(row.duration_ms, 2),
-            "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 2),
-        }
-        if prompt is not None:
-            fields["prompt"] = prompt
-        line = orjson.dumps(fields, default=str)
+    def write_access_log(self) -> None:
+        """One JSON line per request, written a batch at a time (one write call, off the request path).
+
+        Never the key; the prompt only when ``log_prompts`` is on; never the completion.
+        """
+        if self.access_log is None or not self._log_queue:
+            return
+        entries, self._log_queue = self._log_queue, []
+        lines = [orjson.dumps(_log_fields(row, account, prompt), default=str) for row, account, prompt in entries]
         try:
-            assert self.access_log is not None
-            self.access_log.write(line.decode() + "\n")  # flushed with each batch, not per line
-        except (OSError, ValueError):  # a closed stdout must not fail a request
+            self.access_log.write(b"\n".join(lines).decode() + "\n")
+            self.access_log.flush()
+        except (OSError, ValueError):  # a closed stdout must not fail anything
             pass
-
-    def _flush_access_log(self) -> None:
-        if self.access_log is not None:
-            try:
-                self.access_log.flush()
-            except (OSError, ValueError):
-                pass
 
     @property
     def queued(self) -> int:
@@ -73,7 +77,7 @@ class UsageLog:
         return await asyncio.shield(self._flush())
 
     async def _flush(self) -> int:
-        self._flush_access_log()
+        self.write_access_log()
         async with self.lock:
             if not self._queue:
                 return 0

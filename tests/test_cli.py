@@ -59,12 +59,14 @@ async def alice_db(database: Path) -> Path:
 
 def test_keys_create_prints_the_key_alone(config_file: Path, database: Path) -> None:
     run(config_file, "accounts", "add", "alice")
-    done = cli("keys", "create", "alice", "--label", "laptop", config=config_file)
+    done = cli("keys", "create", "alice", "--label", "laptop", "--expires", "2099-01-01", config=config_file)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 1
     key = done.stdout.strip()
     assert KEY.fullmatch(key)
     assert key not in done.stderr
+    [listed] = json.loads(run(config_file, "keys", "list", "--json"))
+    assert (listed["label"], listed["expires"], listed["prefix"]) == ("laptop", "2099-01-01T00:00:00+00:00", key[:8])
 
 
 def test_no_full_key_is_listed_or_stored(config_file: Path, database: Path) -> None:
@@ -120,9 +122,14 @@ BAD_INPUT = {
     "revoke neither key nor id": ("keys", "revoke", "laptop"),
     "coins for unknown account": ("coins", "add", "nobody", "5"),
     "bad coins amount": ("coins", "add", "alice", "5 coins"),
+    "infinite coins": ("coins", "add", "alice", "Infinity"),
+    "NaN coins": ("accounts", "add", "bob", "--coins", "NaN"),
+    "coins beyond a 64-bit balance": ("coins", "add", "alice", "1e30"),
     "unknown model in set-models": ("accounts", "set-models", "alice", "gpt-9"),
     "disable unknown account": ("accounts", "disable", "nobody"),
     "bad limit": ("accounts", "set-limits", "alice", "--rpm", "fast"),
+    "usage of unknown account": ("usage", "nobody"),
+    "prune with a bad date": ("usage", "prune", "--before", "last spring"),
 }
 
 
