@@ -105,14 +105,15 @@ async def old_rows(proxy: Proxy, key: str) -> None:
 # -- one row per request ----------------------------------------------------------------------------------
 async def test_every_response_carries_the_request_id_of_its_row(proxy: Proxy, alice: str) -> None:
     client = proxy.sdk(alice)
-    chat = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    chat = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=HELLO, extra_headers={"X-Request-Id": "req_chosen_by_the_client"})
     stream = await client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
     _ = [chunk async for chunk in stream]
     embedding = await client.embeddings.create(model="text-embedding-3-small", input="hello")
     text = await client.completions.create(model="gpt-4o", prompt="hello")
     with pytest.raises(openai.NotFoundError) as missing:
         await client.chat.completions.create(model="gpt-9", messages=HELLO)
-    assert chat.parse()._request_id == chat.headers["x-request-id"]
+    assert chat.parse()._request_id == chat.headers["x-request-id"] != "req_chosen_by_the_client"  # ours
     expected = {
         chat.headers["x-request-id"]: ("/v1/chat/completions", 200),
         stream.response.headers["x-request-id"]: ("/v1/chat/completions", 200),
