@@ -91,6 +91,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE accounts ADD COLUMN concurrency INTEGER CHECK (concurrency >= 0);
         """,
     ),
+    (
+        "m005_usage_daily_by_account",
+        """
+        CREATE INDEX usage_daily_account ON usage_daily(account_id, day);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -356,26 +356,26 @@ class Store:
     async def usage_report(self, account_id: int | None = None, *, since: str | None = None,
                            until: str | None = None, by: str = "day") -> list[dict[str, Any]]:
         """Sum the daily aggregate (never the raw log), grouped by day, model, key or account."""
-        group = {"day": "d.day", "model": "d.model", "key": "d.key_id", "account": "a.name"}[by]
+        group = {"day": "day", "model": "model", "key": "key_id", "account": "account_id"}[by]
         where: list[str] = ["1 = 1"]
         params: list[Any] = []
         if account_id is not None:
-            where.append("d.account_id = ?")
+            where.append("account_id = ?")
             params.append(account_id)
         if since:
-            where.append("d.day >= ?")
+            where.append("day >= ?")
             params.append(since)
         if until:
-            where.append("d.day <= ?")
+            where.append("day <= ?")
             params.append(until)
         rows = await self._all(
-            f"SELECT {group}, sum(d.requests), sum(d.errors), sum(d.prompt_tokens), sum(d.completion_tokens),"
-            f" sum(d.cost) FROM usage_daily d JOIN accounts a ON a.id = d.account_id"
-            f" WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",
+            f"SELECT {group}, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens), sum(cost)"
+            f" FROM usage_daily WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",
             params,
         )
-        return [{by: r[0], "requests": r[1], "errors": r[2], "prompt_tokens": r[3],
-                 "completion_tokens": r[4], "cost": r[5]} for r in rows]
+        names = {a.id: a.name for a in await self.accounts()} if by == "account" else {}
+        return [{by: names.get(r[0], r[0]) if names else r[0], "requests": r[1], "errors": r[2],
+                 "prompt_tokens": r[3], "completion_tokens": r[4], "cost": r[5]} for r in rows]
 
     async def recent_requests(self, account_id: int, since: float) -> int:
         row = await self._one("SELECT count(*) FROM usage WHERE account_id = ? AND time >= ?", (account_id, since))

@@ -222,8 +222,8 @@ async def test_key_revoked_with_the_cli_is_refused_within_a_second(
 
 async def test_key_created_with_the_cli_is_accepted_within_a_second(
         proxy: Proxy, alice: str, config_file: Path) -> None:
-    key = (await admin(config_file, "keys", "create", "alice")).strip()
-    assert await seconds_until(lambda: is_accepted(proxy.sdk(key))) < 1.0
+    client = proxy.sdk((await admin(config_file, "keys", "create", "alice")).strip())
+    assert await seconds_until(lambda: is_accepted(client)) < 1.0
 
 
 async def test_account_disabled_with_the_cli_is_refused_within_a_second(
