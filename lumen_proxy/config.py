@@ -177,7 +177,7 @@ def micro_coins(value: Any, path: str, reader: _Reader) -> int:
         amount = Decimal(str(value)) * MICRO
     except InvalidOperation:
         raise reader.fail(path, f"must be a number, got {_kind(value)}") from None
-    if amount != amount.to_integral_value() or amount < 0:
+    if not amount.is_finite() or amount != amount.to_integral_value() or amount < 0:
         raise reader.fail(path, "must be >= 0 with at most 6 decimals")
     return int(amount)
 

@@ -124,15 +124,16 @@ async def relay(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     principal = rt.view.authenticate(request.headers.get("Authorization"))
     path = request.path[3:]  # "/v1/chat/completions" -> "/chat/completions"
-    raw, body = await read_json_body(request, rt.config.max_body_bytes)
-    call = Call(request[REQUEST_ID], principal, body["model"][:200], request.path)
-    if rt.config.log_prompts:
-        call.prompt = body.get("messages", body.get("prompt", body.get("input")))
+    call = Call(request[REQUEST_ID], principal, "", request.path)  # a row even for a bad body
     ticket: Ticket | None = None
     hold: billing.Hold | None = None
     model: Model | None = None
     rt.metrics.inflight.inc()
     try:
+        raw, body = await read_json_body(request, rt.config.max_body_bytes)
+        call.model = body["model"][:200]
+        if rt.config.log_prompts:
+            call.prompt = body.get("messages", body.get("prompt", body.get("input")))
         model = require_model(rt.config, principal.account, body["model"])
         prompt_estimate = billing.estimate_prompt_tokens(len(raw))
         completion_cap = billing.max_output_tokens(body, model, request.path)

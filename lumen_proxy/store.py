@@ -7,10 +7,12 @@ ledger row and its balance change, or a batch of usage rows and their debits, sh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,6 +141,8 @@ class Store:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
+        # aiosqlite orders statements, not transactions: two BEGINs on one connection must queue.
+        self._tx_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -155,15 +159,23 @@ class Store:
         async with self.conn.execute(sql, tuple(params)) as cur:
             return list(await cur.fetchall())
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """One write transaction at a time on this connection; rolled back on any failure or cancel."""
+        async with self._tx_lock:
+            try:
+                await self.conn.execute("BEGIN IMMEDIATE")
+                yield
+                await self.conn.commit()
+            except BaseException:
+                if self.conn.in_transaction:
+                    await self.conn.rollback()
+                raise
+
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        await self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction():
             for sql, params in statements:
                 await self.conn.execute(sql, params)
-            await self.conn.commit()
-        except BaseException:
-            await self.conn.rollback()
-            raise
 
     # -- change detection ---------------------------------------------------------------------------
     async def data_version(self) -> int:
@@ -198,24 +210,18 @@ class Store:
         if await self._one("SELECT 1 FROM accounts WHERE name = ?", (name,)):
             raise StoreError(f"an account named {name!r} already exists")
         models_json = json.dumps(sorted(set(models))) if models is not None else None
-        await self.conn.execute("BEGIN IMMEDIATE")
         try:
-            cur = await self.conn.execute(
-                "INSERT INTO accounts (name, models, created_at, balance) VALUES (?, ?, ?, ?)",
-                (name, models_json, now, coins),
-            )
-            account_id = cur.lastrowid
-            await self.conn.execute(
-                "INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
-                (account_id, now, coins, "initial coins"),
-            )
-            await self.conn.commit()
+            async with self.transaction():
+                cur = await self.conn.execute(
+                    "INSERT INTO accounts (name, models, created_at, balance) VALUES (?, ?, ?, ?)",
+                    (name, models_json, now, coins),
+                )
+                await self.conn.execute(
+                    "INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
+                    (cur.lastrowid, now, coins, "initial coins"),
+                )
         except sqlite3.IntegrityError:
-            await self.conn.rollback()
             raise StoreError(f"an account named {name!r} already exists") from None
-        except BaseException:
-            await self.conn.rollback()
-            raise
         return await self.account(name)
 
     async def update_account(self, name: str, **fields: Any) -> AccountRow:
@@ -316,10 +322,7 @@ class Store:
             agg[3] += r.completion_tokens
             agg[4] += r.cost
             last_used[r.key_id] = max(last_used.get(r.key_id, 0.0), r.time)
-        try:
-            # Inside the try: a task cancelled while BEGIN is queued must still roll back, or the
-            # connection stays in a transaction and every later write fails.
-            await self.conn.execute("BEGIN IMMEDIATE")
+        async with self.transaction():  # a cancel while BEGIN is queued still rolls back
             await self.conn.executemany(
                 "INSERT INTO usage (request_id, time, account_id, key_id, model, backend, endpoint, status,"
                 " prompt_tokens, completion_tokens, cost, estimated, partial, duration_ms, ttfb_ms, details)"
@@ -347,10 +350,6 @@ class Store:
                 "UPDATE keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
                 [(t, key_id) for key_id, t in last_used.items()],
             )
-            await self.conn.commit()
-        except BaseException:
-            await self.conn.rollback()
-            raise
         return debits
 
     async def usage_report(self, account_id: int | None = None, *, since: str | None = None,
@@ -385,16 +384,11 @@ class Store:
         """Delete raw rows older than ``before`` in small transactions (the server keeps writing)."""
         deleted = 0
         while True:
-            await self.conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self.transaction():
                 cur = await self.conn.execute(
                     "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE time < ? LIMIT ?)", (before, batch)
                 )
                 count = cur.rowcount
-                await self.conn.commit()
-            except BaseException:
-                await self.conn.rollback()
-                raise
             deleted += count
             if count < batch:
                 return deleted

@@ -207,11 +207,11 @@ def lumen_process(tmp_path: Path) -> Iterator[Callable[..., LumenProcess]]:
         port = free_port()
         log_path = tmp_path / f"lumen-{len(started)}.log"
         out_path = tmp_path / f"lumen-{len(started)}.out"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lumen_proxy", "serve", "--config", str(config), "--port", str(port)],
-            stdout=out_path.open("w"), stderr=log_path.open("w"), text=True,
-            env={**os.environ, **(env or {})},
-        )
+        with out_path.open("w") as out, log_path.open("w") as err:  # the child keeps its own copies
+            process = subprocess.Popen(
+                [sys.executable, "-m", "lumen_proxy", "serve", "--config", str(config), "--port", str(port)],
+                stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})},
+            )
         proc = LumenProcess(process, port, config, log_path)
         started.append(proc)
         if wait:
@@ -225,8 +225,8 @@ def lumen_process(tmp_path: Path) -> Iterator[Callable[..., LumenProcess]]:
             proc.process.wait()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await check():
             return True

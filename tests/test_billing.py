@@ -355,7 +355,7 @@ async def test_balance_equals_the_ledger_after_a_mixed_run(
     async def wallets_agree() -> bool:
         return proxy.rt.wallets.balance == accounts
 
-    assert await eventually(wallets_agree, timeout=2)
+    assert await eventually(wallets_agree, within=2)
     assert proxy.rt.wallets.pending == {} and proxy.rt.wallets.held == {}
     assert len(query(database, "SELECT 1 FROM usage")) == 10
 

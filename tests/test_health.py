@@ -22,9 +22,6 @@ from tests.fake_upstream import UpstreamServer
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 # conftest's lumen_process never closes the parent's copies of the child's log files (see test_process.py).
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:unclosed file <_io.TextIOWrapper name='[^']*/lumen-\d+[.](log|out)':ResourceWarning"
-)
 
 
 async def healthz(origin: str) -> tuple[int, dict[str, Any]]:
@@ -99,7 +96,7 @@ async def test_a_dead_backend_is_skipped_before_anyone_hits_it_and_comes_back(
         _, body = await healthz(proxy.origin)
         return body["models"]["gpt-4o"]["backends"][upstream.base_url] == "down"
 
-    assert await eventually(marked_down, timeout=5)
+    assert await eventually(marked_down, within=5)
     status, body = await healthz(proxy.origin)
     assert status == 200  # every model still has a backend up
     assert body["models"]["gpt-4o"] == {"up": True, "backends": {upstream.base_url: "down",
@@ -114,7 +111,7 @@ async def test_a_dead_backend_is_skipped_before_anyone_hits_it_and_comes_back(
         _, body = await healthz(proxy.origin)
         return body["models"]["gpt-4o"]["backends"][upstream.base_url] == "up"
 
-    assert await eventually(back, timeout=5)
+    assert await eventually(back, within=5)
     replies = [await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES) for _ in range(2)]
     assert {r.choices[0].message.content.split(" [")[0] for r in replies} == {"Echo from up1", "Echo from up2"}
 
@@ -129,12 +126,12 @@ async def test_active_checks_flip_the_real_server_without_traffic(
 
     await upstream.stop()
     stopped = time.monotonic()
-    assert await eventually(status_is(proc.origin, 503), timeout=5)
+    assert await eventually(status_is(proc.origin, 503), within=5)
     assert time.monotonic() - stopped < 3
     status, body = await healthz(proc.origin)
     assert body["models"]["gpt-4o"] == {"up": False, "backends": {upstream.base_url: "down"}}
     assert body["models"]["echo"]["up"]
 
     await upstream.start()  # the same port
-    assert await eventually(status_is(proc.origin, 200), timeout=5)
+    assert await eventually(status_is(proc.origin, 200), within=5)
     assert [r.path for r in upstream.state.requests if r.method == "POST"] == []  # no user traffic at all

@@ -124,7 +124,7 @@ async def test_inflight_counts_open_streams_and_forgets_abandoned_ones(
     async def drained() -> bool:
         return await metric(proxy, "lumen_inflight_requests") == 0
 
-    assert await eventually(drained, timeout=3)
+    assert await eventually(drained, within=3)
 
 
 # -- protection --------------------------------------------------------------------------------------

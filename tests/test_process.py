@@ -32,9 +32,6 @@ from tests.fake_upstream import UpstreamServer, count_prompt_tokens, split_piece
 
 # conftest's lumen_process hands the child its log files and never closes the parent's copies; only
 # those two files' ResourceWarnings are ignored (fix belongs in conftest: close them after Popen).
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:unclosed file <_io.TextIOWrapper name='[^']*/lumen-\d+[.](log|out)':ResourceWarning"
-)
 SLOW_REPLY = " ".join(f"word{i}" for i in range(16))  # 16 pieces: ~2 s at 0.1 s between events
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a long story"}]
 
@@ -107,7 +104,7 @@ async def log_line(proc: LumenProcess, text: str) -> bool:
     async def logged() -> bool:
         return text in proc.stderr_text()
 
-    return await eventually(logged, timeout=5)
+    return await eventually(logged, within=5)
 
 
 def stdout_text(proc: LumenProcess) -> str:
@@ -137,7 +134,7 @@ async def test_stop_signal_drains_the_stream_bills_it_and_exits_0(
         first = await response.content.readuntil(b"\n\n")
         proc.process.send_signal(signum)
 
-        assert await eventually(refuses_connections(proc.port), timeout=3)
+        assert await eventually(refuses_connections(proc.port), within=3)
         assert not upstream.state.last.finished, "the stream ended before the listener closed"
         rest, clean = await read_rest(response)
 
@@ -230,7 +227,7 @@ async def test_sighup_applies_a_new_model_and_price_while_a_stream_continues(
         async def listed() -> bool:
             return "gpt-4o-mini" in [m.id async for m in sdk.models.list()]
 
-        assert await eventually(listed, timeout=5)
+        assert await eventually(listed, within=5)
         assert not upstream.state.requests_to("/v1/chat/completions")[0].finished
         rest, clean = await read_rest(response)
         upstream.state.behavior.chunk_delay = 0
@@ -258,7 +255,7 @@ async def test_sighup_applies_a_new_model_and_price_while_a_stream_continues(
 
 
 @pytest.mark.parametrize(("broken", "problem"), [
-    ("models: [\n  - name: gpt-4o\n", "line"),
+    ("models: [\n  - name: gpt-4o\n", "line 2, column 3: expected the node content"),
     ("database: lumen.db\nmodels: []\n", "models: must be a non-empty list of models"),
 ], ids=["yaml-syntax", "invalid-value"])
 async def test_sighup_with_an_invalid_file_logs_one_line_and_keeps_the_old_config(
@@ -346,14 +343,14 @@ async def test_cli_commands_work_while_the_server_runs(lumen_process: Any, serve
                 return False
             return True
 
-        assert await eventually(accepted, timeout=5), "the server never picked up the CLI's new key"
+        assert await eventually(accepted, within=5), "the server never picked up the CLI's new key"
         await sdk.chat.completions.create(model="echo", messages=MESSAGES)
 
     async def reported() -> bool:
         report = cli("usage", "bob", "--json", config=serve_config)
         return report.returncode == 0 and sum(r["requests"] for r in json.loads(report.stdout)) == 1
 
-    assert await eventually(reported, timeout=5)
+    assert await eventually(reported, within=5)
     shown = cli("accounts", "show", "bob", "--json", config=serve_config)
     assert shown.returncode == 0 and json.loads(shown.stdout)["coins"] == 7.5  # echo is free here
     proc.process.send_signal(signal.SIGTERM)
