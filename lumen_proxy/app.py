@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -105,11 +106,24 @@ async def usage(request: web.Request) -> web.Response:
     by = request.query.get("by", "day")
     if by not in ("day", "model", "key"):
         raise BadRequest("Parameter 'by' must be day, model or key.", param="by")
-    since = request.query.get("since") or utc_day(time.time() - 30 * 86400)
-    rows = await rt.store.usage_report(principal.account.id, since=since, until=request.query.get("until"), by=by)
+    since, until = (_day_param(request, name) for name in ("since", "until"))
+    rows = await rt.store.usage_report(principal.account.id, since=since, until=until, by=by)
     for row in rows:
         row["cost"] = _coins(row["cost"])
-    return _json({"object": "list", "account": principal.account.name, "by": by, "since": since, "data": rows})
+    return _json({"object": "list", "account": principal.account.name, "by": by, "since": since, "until": until,
+                  "data": rows})
+
+
+def _day_param(request: web.Request, name: str) -> str | None:
+    """``YYYY-MM-DD`` (or an ISO time: its UTC day); absent means unbounded, as in the CLI."""
+    text = request.query.get(name)
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"Parameter '{name}' must be a date like 2026-11-01.", param=name) from None
+    return utc_day((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,

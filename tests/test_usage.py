@@ -298,3 +298,19 @@ async def test_me_and_usage_endpoints_match_the_cli(proxy: Proxy, alice: str, co
             assert response.status == 400
     async with aiohttp.ClientSession(proxy.origin) as anonymous, anonymous.get("/lumen/v1/me") as response:
         assert response.status == 401
+
+
+async def test_usage_endpoint_rejects_a_bad_date_and_defaults_to_all_time(proxy: Proxy, alice: str) -> None:
+    """Same default as `lumen-proxy usage` (no bound); a date it cannot read is a 400, not a 500."""
+    client = proxy.sdk(alice)
+    await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    await proxy.flush()
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {alice}"}
+        async with http.get(proxy.origin + "/lumen/v1/usage?since=yesterday", headers=headers) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == "since"
+        async with http.get(proxy.origin + "/lumen/v1/usage?by=model", headers=headers) as resp:
+            body = await resp.json()
+    assert body["since"] is None
+    assert [(r["model"], r["requests"]) for r in body["data"]] == [("gpt-4o", 1)]
