@@ -80,13 +80,21 @@ class BackendPool:
         self.breaker = Breaker()
 
     def state(self, backend: Backend) -> BreakerState:
-        return self.states.setdefault((backend.url, backend.model), BreakerState())
+        state = self.states.get((backend.url, backend.model))
+        if state is None:
+            state = self.states[(backend.url, backend.model)] = BreakerState()
+        return state
 
     def candidates(self, model: Model) -> list[Backend]:
         """Backends to try in order: rotation among those whose breaker lets a request through."""
         now = self.clock()
-        start = next(self._turns.setdefault(model.name, itertools.count()))
         n = len(model.backends)
+        if n == 1:
+            return [b for b in model.backends if self.state(b).can_try(now)]
+        turns = self._turns.get(model.name)
+        if turns is None:
+            turns = self._turns[model.name] = itertools.count()
+        start = next(turns)
         ordered = [model.backends[(start + i) % n] for i in range(n)]
         return [b for b in ordered if self.state(b).can_try(now)]
 

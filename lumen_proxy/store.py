@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 import time
@@ -90,7 +91,13 @@ def _key(row: Sequence[Any]) -> KeyRow:
 
 
 def utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    return _day_name(int(ts // 86400))
+
+
+@functools.lru_cache(maxsize=64)
+def _day_name(day_number: int) -> str:
+    """Formatting a date costs microseconds per usage row; a day has one name, so cache it."""
+    return datetime.fromtimestamp(day_number * 86400, UTC).strftime("%Y-%m-%d")
 
 
 async def open_db(path: Path) -> aiosqlite.Connection:
