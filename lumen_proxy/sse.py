@@ -50,6 +50,8 @@ class SseScanner:
         self._pending = bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._pending and chunk.endswith(b"\n\n"):
+            return self._observe(chunk)  # the usual case, whole events per read: no copies
         self._pending += chunk
         end = _last_boundary(self._pending)
         if end < 0:

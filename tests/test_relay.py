@@ -307,7 +307,7 @@ async def test_a_backend_that_compresses_still_reaches_the_client_intact(
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     async with serve_upstream(app) as gzipping:
-        gz = await make_proxy(build_config(tmp_path / "gz", config_dict(tmp_path / "gz", [gzipping.base_url])))
+        gz = await make_proxy(build_config(tmp_path, config_dict(tmp_path, [gzipping.base_url])))
         await gz.account("alice")
         completion = await gz.sdk(await gz.key("alice")).chat.completions.create(model="gpt-4o", messages=HELLO)
     assert completion.choices[0].message.content == "squeezed " * 200

@@ -300,3 +300,17 @@ async def test_backend_dying_mid_stream_raw_bytes(
     assert set(error["error"]) == {"message", "type", "param", "code"}
     assert error["error"]["code"] == "bad_gateway"
     assert b"[DONE]" not in received
+
+
+async def test_an_event_without_end_is_bounded(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    """One event larger than the proxy's line buffer (4 MiB) ends the stream instead of eating memory."""
+    upstream.state.behavior.reply = "x" * (5 * 1024 * 1024)  # one piece, so one 5 MiB event
+    body = {"model": "gpt-4o", "messages": POEM, "stream": True}
+    received = await post_stream(http, proxy, alice, body)
+    *relayed, last = events_of(received)
+    assert relayed == events_of(bytes(upstream.state.last.sent))[:1]  # the role chunk, as sent
+    assert json.loads(last.removeprefix(b"data: "))["error"]["code"] == "bad_gateway"
+    completion = await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=POEM)
+    assert completion.choices[0].message.content == "x" * (5 * 1024 * 1024)  # non-stream bodies have no such limit
