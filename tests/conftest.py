@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 import yaml
@@ -244,3 +246,37 @@ def serve_config(tmp_path: Path) -> Path:
         "models": [{"name": "echo", "backends": [{"url": "builtin:echo"}]}],
     }
     return write_config(tmp_path, data)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client, for tests where the bytes on the wire are the point."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, upstream: UpstreamServer) -> Path:
+    """The same config the ``proxy`` fixture runs, as the file the admin CLI reads."""
+    return write_config(tmp_path, config_dict(tmp_path, [upstream.base_url]))
+
+
+async def admin(config_file: Path, *args: str) -> str:
+    """Run ``lumen-proxy`` beside the in-process server (in a thread, so the server keeps serving)."""
+    done = await asyncio.to_thread(cli, *args, config=config_file)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def query(database: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
+    """Read through a connection of our own, as an admin's sqlite3 shell would."""
+    conn = sqlite3.connect(database)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute(sql, params).fetchall())
+    finally:
+        conn.close()

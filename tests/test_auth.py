@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from lumen_proxy import auth
-from tests.conftest import Proxy, cli, config_dict, write_config
+from tests.conftest import Proxy, admin
 from tests.fake_upstream import UpstreamServer
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -71,19 +71,6 @@ async def is_accepted(client: openai.AsyncOpenAI, model: str = "gpt-4o") -> bool
     except openai.APIStatusError:
         return False
     return True
-
-
-@pytest.fixture
-def config_file(tmp_path: Path, upstream: UpstreamServer) -> Path:
-    """The same config the ``proxy`` fixture runs, as the file the admin CLI reads."""
-    return write_config(tmp_path, config_dict(tmp_path, [upstream.base_url]))
-
-
-async def admin(config_file: Path, *args: str) -> str:
-    """Run ``lumen-proxy`` beside the server (in a thread, so the server keeps serving)."""
-    done = await asyncio.to_thread(cli, *args, config=config_file)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 # -- 401 -------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from lumen_proxy.billing import cost
-from tests.conftest import MakeProxy, Proxy, build_config, cli, config_dict, eventually, write_config
+from tests.conftest import MakeProxy, Proxy, auth, build_config, cli, config_dict, eventually, query, write_config
 from tests.fake_upstream import UpstreamServer, chat_reply, count_prompt_tokens
 
 MICRO = 1_000_000
@@ -33,16 +33,6 @@ def price_formula(model: str, prompt: int, completion: int) -> int:
     """prompt × P / 1e6 + completion × C / 1e6 coins, in micro-coins, rounded up."""
     p, c = PRICES[model]
     return math.ceil(prompt * p + completion * c)
-
-
-def query(database: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
-    """Read through a connection of our own, as an admin's sqlite3 shell would."""
-    conn = sqlite3.connect(database)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def usage_row(proxy: Proxy, request_id: str) -> sqlite3.Row:
@@ -64,10 +54,6 @@ def ledger_mismatches(database: Path) -> list[tuple[str, int, int, int]]:
                (SELECT coalesce(sum(cost), 0) FROM usage u WHERE u.account_id = a.id)
         FROM accounts a""")
     return [(r[0], r[1], r[2], r[3]) for r in rows if r[2] - r[3] != r[1] or r[3] != r[4]]
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 # -- the price formula ---------------------------------------------------------------------------------------

@@ -21,12 +21,6 @@ CHAT = "/chat/completions"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def error_of(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
     """Check the status and the OpenAI error shape; return the inner error object."""
     assert response.status == status

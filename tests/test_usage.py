@@ -23,21 +23,12 @@ import openai
 import pytest
 
 from lumen_proxy.store import UsageRow
-from tests.conftest import LumenProcess, Proxy, cli, config_dict, write_config
+from tests.conftest import LumenProcess, Proxy, admin, auth, cli, config_dict, query, write_config
 from tests.fake_upstream import UpstreamServer
 
 HELLO = [{"role": "user", "content": "Hello there, how are you"}]
 JAN_15 = 1705320000.0  # 2024-01-15 12:00 UTC
 GROUP = {"day": "date(time, 'unixepoch')", "model": "model", "key": "key_id", "account": "a.name"}
-
-
-def query(database: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(database)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def rows_of(proxy: Proxy, request_id: str) -> list[sqlite3.Row]:
@@ -59,21 +50,6 @@ def as_tuples(report: list[dict[str, Any]], by: str) -> list[tuple[Any, ...]]:
     """A CLI/API report in the same shape; coins (decimal) back to integer micro-coins."""
     return [(r[by], int(r["requests"]), int(r["errors"]), int(r["prompt_tokens"]), int(r["completion_tokens"]),
              round(float(r["cost"]) * 1_000_000)) for r in report]
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def config_file(tmp_path: Path, upstream: UpstreamServer) -> Path:
-    return write_config(tmp_path, config_dict(tmp_path, [upstream.base_url]))
-
-
-async def admin(config_file: Path, *args: str) -> str:
-    done = await asyncio.to_thread(cli, *args, config=config_file)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 async def traffic(proxy: Proxy, keys: list[str]) -> None:
