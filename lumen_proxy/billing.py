@@ -35,6 +35,11 @@ def estimate_prompt_tokens(body_size: int) -> int:
     return body_size // 2 + 1
 
 
+def typical_prompt_tokens(body_size: int) -> int:
+    """What a backend that reports no usage is billed for the prompt: ~4 bytes of JSON per token."""
+    return body_size // 4 + 1
+
+
 def max_output_tokens(body: Mapping[str, Any], model: Model, path: str) -> int:
     if path in EMBEDDING_PATHS:
         return 0

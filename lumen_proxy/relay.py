@@ -150,7 +150,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
                 "Ask your administrator to add coins, or lower max_tokens.",
                 headers=ticket.headers(),
             )
-        call.estimate = (prompt_estimate, 0)
+        call.estimate = (billing.typical_prompt_tokens(len(raw)), 0)  # billed only if no usage comes
         return await forward(request, rt, call, model, raw, body, path, ticket)
     except LumenError as exc:
         call.status = exc.status
