@@ -88,7 +88,7 @@ async def me(request: web.Request) -> web.Response:
     limits = rt.config.limits
     return _json({
         "account": account.name,
-        "coins": _coins(rt.wallets.available(account.id) + rt.wallets.held.get(account.id, 0)),
+        "coins": _coins(rt.wallets.settled(account.id)),
         "coins_held": _coins(rt.wallets.held.get(account.id, 0)),
         "models": [m.name for m in visible_models(rt.config, account)],
         "limits": {

@@ -69,9 +69,12 @@ class Wallets:
         """Take the committed balances from the database (after an admin change, or at start)."""
         self.balance = dict(balances)
 
+    def settled(self, account_id: int) -> int:
+        """The balance once every finished request is debited: what the CLI will show."""
+        return self.balance.get(account_id, 0) - self.pending.get(account_id, 0)
+
     def available(self, account_id: int) -> int:
-        return (self.balance.get(account_id, 0) - self.pending.get(account_id, 0)
-                - self.held.get(account_id, 0))
+        return self.settled(account_id) - self.held.get(account_id, 0)
 
     def place_hold(self, account_id: int, amount: int) -> Hold | None:
         """Reserve ``amount`` or return None when it does not fit beside the other open holds."""
