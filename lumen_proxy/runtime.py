@@ -104,7 +104,7 @@ async def _sweep(limiter: RateLimiter) -> None:
 async def _health_loop(rt: Runtime) -> None:
     while True:
         interval = rt.config.health_check_interval
-        await asyncio.sleep(interval if interval > 0 else 5.0)
+        await asyncio.sleep(interval if interval > 0 else 5.0)  # off: look again later (a reload may turn it on)
         if interval > 0:
             await check_backends(rt.pool, rt.client, rt.config)
 
