@@ -161,6 +161,9 @@ class HttpClient:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            # A backend's cookies must never be replayed on another user's request (and the jar's
+            # filtering costs microseconds on every request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     @property
