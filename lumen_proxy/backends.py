@@ -47,9 +47,8 @@ class HttpUpstream:
     async def read(self) -> bytes:
         return await self.response.read()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.response.content.iter_any():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.response.content.iter_any().__aiter__()  # no generator of our own per chunk
 
     def close(self) -> None:
         """Closing (not releasing) drops the connection, which tells the backend to stop generating."""

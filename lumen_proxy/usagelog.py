@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import orjson
 
 from .billing import Wallets
-from .store import Store, UsageRow
+from .store import Store, UsageBatch, UsageRow
 
 log = logging.getLogger("lumen_proxy")
 
@@ -42,25 +42,26 @@ class UsageLog:
                  access_log: TextIO | None = sys.stdout) -> None:
         self.store, self.wallets, self.lock, self.interval = store, wallets, lock, interval
         self.access_log = access_log
-        self._queue: list[UsageRow] = []
-        self._log_queue: list[tuple[UsageRow, str, Any]] = []
+        self._batch = UsageBatch()
+        self._failed: list[UsageBatch] = []  # batches a failed commit kept, retried first, in order
+        self._lines: list[bytes] = []
         self.written = 0
         self.failures = 0
 
     def record(self, row: UsageRow, account_name: str, *, prompt: Any = None) -> None:
-        self._queue.append(row)
+        """Prepare the row and its log line now (a few µs per request, not a stall per batch)."""
+        self._batch.add(row)
         if self.access_log is not None:
-            self._log_queue.append((row, account_name, prompt))
+            self._lines.append(orjson.dumps(_log_fields(row, account_name, prompt), default=str))
 
     def write_access_log(self) -> None:
         """One JSON line per request, written a batch at a time (one write call, off the request path).
 
         Never the key; the prompt only when ``log_prompts`` is on; never the completion.
         """
-        if self.access_log is None or not self._log_queue:
+        if self.access_log is None or not self._lines:
             return
-        entries, self._log_queue = self._log_queue, []
-        lines = [orjson.dumps(_log_fields(row, account, prompt), default=str) for row, account, prompt in entries]
+        lines, self._lines = self._lines, []
         try:
             self.access_log.write(b"\n".join(lines).decode() + "\n")
             self.access_log.flush()
@@ -69,27 +70,28 @@ class UsageLog:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._batch) + sum(len(b) for b in self._failed)
 
     async def flush(self) -> int:
-        """Write the queue in one transaction. Shielded: a caller cancelled while SQLite commits (the
-        writer task at shutdown) must not put committed rows back in the queue, to be billed twice."""
+        """Write what is queued, one transaction per batch. Shielded: a caller cancelled while SQLite
+        commits (the writer task at shutdown) must not requeue committed rows, to be billed twice."""
         return await asyncio.shield(self._flush())
 
     async def _flush(self) -> int:
         self.write_access_log()
         async with self.lock:
-            if not self._queue:
-                return 0
-            batch, self._queue = self._queue, []
-            try:
-                debits = await self.store.write_usage(batch)
-            except BaseException:
-                self._queue[:0] = batch  # keep them for the next try, in order
-                raise
-            self.wallets.committed(debits)
-            self.written += len(batch)
-            return len(batch)
+            if len(self._batch):
+                self._failed.append(self._batch)
+                self._batch = UsageBatch()
+            done = 0
+            while self._failed:
+                batch = self._failed[0]
+                debits = await self.store.write_batch(batch)  # on failure the batch stays queued
+                self._failed.pop(0)
+                self.wallets.committed(debits)
+                self.written += len(batch)
+                done += len(batch)
+            return done
 
     async def run(self) -> None:
         while True:
