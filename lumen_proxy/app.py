@@ -6,6 +6,7 @@ side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
@@ -16,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .auth import require_model, visible_models
+from .auth import account_limits, require_model, visible_models
 from .config import Config, Model
 from .errors import BadRequest, NotFound, make_error_middleware
 from .relay import relay
@@ -85,17 +86,12 @@ async def me(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     principal = rt.view.authenticate(request.headers.get("Authorization"))
     account = principal.account
-    limits = rt.config.limits
     return _json({
         "account": account.name,
         "coins": _coins(rt.wallets.settled(account.id)),
         "coins_held": _coins(rt.wallets.held.get(account.id, 0)),
         "models": [m.name for m in visible_models(rt.config, account)],
-        "limits": {
-            "rpm": account.rpm if account.rpm is not None else limits.rpm,
-            "tpm": account.tpm if account.tpm is not None else limits.tpm,
-            "concurrency": account.concurrency if account.concurrency is not None else limits.concurrency,
-        },
+        "limits": dataclasses.asdict(account_limits(rt.config.limits, account)),
         "key_id": principal.key_id,
     })
 

@@ -10,6 +10,7 @@ never 401: a client treats 401 as "my key is wrong".
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from .billing import Wallets
 from .config import Config, Model
 from .errors import InvalidKey, ModelNotAllowed, ModelNotFound, StorageUnavailable
 from .keys import hash_key
+from .ratelimit import LimitSpec
 from .store import AccountRow, KeyRow, Store
 
 log = logging.getLogger("lumen_proxy")
@@ -102,6 +104,20 @@ class AccessView:
 
 def _redact(token: str) -> str:
     return token[:6] + "..." + token[-2:] if len(token) > 12 else "***"
+
+
+def account_limits(default: LimitSpec, account: AccountRow) -> LimitSpec:
+    """The account's own limits where the admin set them (``accounts set-limits``), else the defaults."""
+    return _merged_limits(default, account.rpm, account.tpm, account.concurrency)
+
+
+@functools.lru_cache(maxsize=4096)
+def _merged_limits(default: LimitSpec, rpm: int | None, tpm: int | None, concurrency: int | None) -> LimitSpec:
+    return LimitSpec(
+        rpm=default.rpm if rpm is None else rpm,
+        tpm=default.tpm if tpm is None else tpm,
+        concurrency=default.concurrency if concurrency is None else concurrency,
+    )
 
 
 def may_use(account: AccountRow, model: Model) -> bool:

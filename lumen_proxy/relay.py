@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from . import billing
-from .auth import Principal, require_model
+from .auth import Principal, account_limits, require_model
 from .backends import Upstream, connect, upstream_headers
 from .builtin import EchoUpstream
 from .config import Backend, Model
@@ -93,14 +93,9 @@ async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[
 
 def limit_subjects(rt: Runtime, principal: Principal, model: Model) -> list[tuple[str, LimitSpec]]:
     """Per key: the defaults; per account: its own limits, else the defaults; per model: its own."""
-    default = rt.config.limits
     account = principal.account
-    account_spec = LimitSpec(
-        rpm=default.rpm if account.rpm is None else account.rpm,
-        tpm=default.tpm if account.tpm is None else account.tpm,
-        concurrency=default.concurrency if account.concurrency is None else account.concurrency,
-    )
-    subjects = [(f"key:{principal.key_id}", default), (f"account:{account.id}", account_spec)]
+    subjects = [(f"key:{principal.key_id}", rt.config.limits),
+                (f"account:{account.id}", account_limits(rt.config.limits, account))]
     if model.limits is not None:
         subjects.append((f"account:{account.id}:{model.name}", model.limits))
     return subjects
