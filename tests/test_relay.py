@@ -282,6 +282,31 @@ async def test_success_carries_a_request_id(proxy: Proxy, alice: str) -> None:
     assert first.request_id != second.request_id
 
 
+def server_timing(header: str) -> dict[str, float]:
+    parts = (p.strip().split(";dur=") for p in header.split(","))
+    return {name: float(value) for name, value in parts}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_server_timing_splits_the_proxy_from_the_backend(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, stream: bool
+) -> None:
+    """Users and admins can see the proxy's own share without trusting our benchmark."""
+    upstream.state.behavior.first_byte_delay = 0.2
+    raw = await proxy.sdk(alice).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=HELLO, stream=stream
+    )
+    timing = server_timing(raw.headers["server-timing"])
+    assert timing["upstream"] >= 200  # milliseconds: the backend's wait is the backend's
+    assert 0 <= timing["proxy"] < 100  # and not counted as ours
+    parsed = raw.parse()
+    if stream:
+        chunks = [chunk async for chunk in parsed]  # type: ignore[union-attr]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    else:
+        assert parsed.usage is not None  # type: ignore[union-attr]
+
+
 async def test_a_backend_that_compresses_still_reaches_the_client_intact(
     tmp_path: Path, make_proxy: MakeProxy
 ) -> None:
