@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from yarl import URL
 
 from .ratelimit import LimitSpec
 
@@ -51,15 +52,16 @@ class Backend:
     model: str
     api_key: str | None = None
     inject_stream_usage: bool = True
+    label: str = field(init=False, compare=False)
+    """Name used in logs, /healthz and /metrics: the URL without user, password or query."""
+
+    def __post_init__(self) -> None:
+        label = self.url if self.is_builtin else str(URL(self.url).with_user(None).with_query(None))
+        object.__setattr__(self, "label", label)
 
     @property
     def is_builtin(self) -> bool:
         return self.url.startswith("builtin:")
-
-    @property
-    def label(self) -> str:
-        """Name used in logs and health: the URL never carries credentials here."""
-        return self.url
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lumen_proxy.config import ConfigError, load_config
+from lumen_proxy.config import ConfigError, load_config, parse_config
 from tests.conftest import cli
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -326,3 +326,12 @@ def test_the_example_documents_every_key_the_parser_accepts(tmp_path: Path) -> N
         assert allowed is not None, caught.value.problem
         missing = {k.strip() for k in allowed.group(1).split(",")} - documented[general]
         assert not missing, f"config.example.yaml does not show {sorted(missing)} under {general or 'the top'}"
+
+
+def test_backend_labels_never_carry_credentials(tmp_path: Path) -> None:
+    """Labels name backends in logs, /healthz (no key needed) and /metrics: no user, password or query."""
+    data = {"database": "x.db", "models": [{"name": "m", "backends": [
+        {"url": "https://svc:hunter2@llm.internal:8443/v1?api-key=abc"}, {"url": "builtin:echo"}]}]}
+    config = parse_config(data, str(tmp_path / "lumen.yaml"), tmp_path)
+    assert [b.label for b in config.models[0].backends] == ["https://llm.internal:8443/v1", "builtin:echo"]
+    assert config.models[0].backends[0].url.startswith("https://svc:hunter2@")  # still used to connect
