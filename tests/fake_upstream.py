@@ -35,6 +35,15 @@ from multidict import CIMultiDict
 StreamOptionsPolicy = Literal["accept", "reject", "reject_unless_stream"]
 JSON = dict[str, Any]
 
+# The tool the tests offer; the fake calls it with TOOL_ARGUMENTS.
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TOOL_ARGUMENTS = '{"city": "Paris"}'
 # Split mid-key and mid-value on purpose: a relay that parses or re-chunks fragments breaks here.
 TOOL_ARGUMENT_FRAGMENTS = ('{"', "ci", 'ty": "', "Par", "is", '"}')

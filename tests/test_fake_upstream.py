@@ -13,11 +13,12 @@ from typing import Literal
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fake_upstream import (
     TOOL_ARGUMENT_FRAGMENTS,
     TOOL_ARGUMENTS,
+    WEATHER_TOOL,
     UpstreamServer,
     chat_reply,
     count_prompt_tokens,
@@ -30,15 +31,6 @@ from tests.nodejs import arun_node_example, ensure_node_modules, node_available
 
 MODEL = "fake-model"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
-WEATHER_TOOL: ChatCompletionToolParam = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[UpstreamServer]:

@@ -15,11 +15,12 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import UPSTREAM_KEY, MakeProxy, Proxy, build_config, config_dict
 from tests.fake_upstream import (
     TOOL_ARGUMENTS,
+    WEATHER_TOOL,
     UpstreamServer,
     chat_reply,
     count_prompt_tokens,
@@ -28,15 +29,6 @@ from tests.fake_upstream import (
 )
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Explain quantum entanglement"}]
-WEATHER_TOOL: ChatCompletionToolParam = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}

@@ -14,12 +14,13 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Proxy
 from tests.fake_upstream import (
     TOOL_ARGUMENT_FRAGMENTS,
     TOOL_ARGUMENTS,
+    WEATHER_TOOL,
     UpstreamServer,
     chat_reply,
     count_prompt_tokens,
@@ -27,14 +28,6 @@ from tests.fake_upstream import (
 )
 
 POEM: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a short poem about data science"}]
-WEATHER_TOOL: ChatCompletionToolParam = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
 
 async def post_stream(http: aiohttp.ClientSession, proxy: Proxy, key: str, body: dict[str, Any],
                       path: str = "/chat/completions") -> bytes:
