@@ -51,7 +51,6 @@ class AccessView:
         self.accounts: dict[int, AccountRow] = {}
         self._version: int | None = None
         self._fresh_at = 0.0  # monotonic time of the last successful check
-        self.reloads = 0
 
     async def reload(self) -> None:
         async with self.lock:  # never between a usage commit and its wallet update
@@ -61,7 +60,6 @@ class AccessView:
             self.keys = {k.hash: k for k in keys}
             self.wallets.load((a.id, a.balance) for a in accounts)
             self._version = version
-            self.reloads += 1
         self._fresh_at = time.monotonic()
 
     async def refresh(self) -> None:

@@ -102,6 +102,3 @@ class Wallets:
                 self.pending[account_id] = left
             else:
                 self.pending.pop(account_id, None)
-
-    def open_holds(self) -> int:
-        return sum(self.held.values())

@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from . import __version__
-from .config import EMBEDDED, Config, ConfigError, default_data_dir, find_config_path, load_config
+from .config import Config, ConfigError, find_config_path, load_config
 from .store import AccountRow, KeyRow, Store, StoreError, utc_day
 
 
@@ -384,5 +384,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-__all__ = ["main", "EMBEDDED", "default_data_dir"]

@@ -297,17 +297,6 @@ class Store:
         ])
         return await self.account(name)
 
-    async def ledger_total(self, account_id: int) -> int:
-        row = await self._one("SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = ?",
-                              (account_id,))
-        return int(row[0])
-
-    async def usage_cost_total(self, account_id: int) -> int:
-        """From the daily aggregate, which pruning the raw log leaves intact."""
-        row = await self._one("SELECT coalesce(sum(cost), 0) FROM usage_daily WHERE account_id = ?",
-                              (account_id,))
-        return int(row[0])
-
     # -- keys ---------------------------------------------------------------------------------------
     async def create_key(self, account_name: str, label: str | None = None,
                          expires_at: float | None = None, *, now: float | None = None) -> tuple[str, KeyRow]:
@@ -412,10 +401,6 @@ class Store:
         names = {a.id: a.name for a in await self.accounts()} if by == "account" else {}
         return [{by: names.get(r[0], r[0]) if names else r[0], "requests": r[1], "errors": r[2],
                  "prompt_tokens": r[3], "completion_tokens": r[4], "cost": r[5]} for r in rows]
-
-    async def recent_requests(self, account_id: int, since: float) -> int:
-        row = await self._one("SELECT count(*) FROM usage WHERE account_id = ? AND time >= ?", (account_id, since))
-        return int(row[0])
 
     async def prune_usage(self, before: float, batch: int = 5000) -> int:
         """Delete raw rows older than ``before`` in small transactions (the server keeps writing)."""
