@@ -8,6 +8,7 @@ drifts from the log it summarises fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -23,7 +24,18 @@ import openai
 import pytest
 
 from lumen_proxy.store import UsageRow
-from tests.conftest import LumenProcess, Proxy, admin, auth, cli, config_dict, query, write_config
+from tests.conftest import (
+    LumenProcess,
+    MakeProxy,
+    Proxy,
+    admin,
+    auth,
+    build_config,
+    cli,
+    config_dict,
+    query,
+    write_config,
+)
 from tests.fake_upstream import UpstreamServer
 
 HELLO = [{"role": "user", "content": "Hello there, how are you"}]
@@ -290,3 +302,36 @@ async def test_usage_endpoint_rejects_a_bad_date_and_defaults_to_all_time(proxy:
             body = await resp.json()
     assert body["since"] is None
     assert [(r["model"], r["requests"]) for r in body["data"]] == [("gpt-4o", 1)]
+
+
+async def test_a_failed_usage_commit_keeps_its_rows_and_retries(
+    make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full or database locked for a moment: no row and no debit is lost, none is doubled."""
+    # The writer's own loop stays out of the way (hourly), so this test decides when flushes happen.
+    proxy = await make_proxy(build_config(tmp_path, config_dict(tmp_path, [upstream.base_url])), usage_interval=3600)
+    await proxy.account("alice")
+    client = proxy.sdk(await proxy.key("alice"))
+    real_write = proxy.rt.store.write_batch
+    failures = 0
+
+    async def flaky(batch: Any) -> dict[int, int]:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_write(batch)
+
+    monkeypatch.setattr(proxy.rt.store, "write_batch", flaky)
+    ids = []
+    for _ in range(3):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        ids.append(raw.request_id)
+        with pytest.raises(sqlite3.OperationalError) if failures < 2 else contextlib.nullcontext():
+            await proxy.flush()
+    await proxy.flush()
+    rows = query(Path(proxy.rt.config.database), "SELECT request_id, cost FROM usage ORDER BY id")
+    assert [r["request_id"] for r in rows] == ids
+    account = query(Path(proxy.rt.config.database), "SELECT balance FROM accounts WHERE name = 'alice'")[0]
+    assert account["balance"] == 1000 * 1_000_000 - sum(r["cost"] for r in rows)
