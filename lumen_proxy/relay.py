@@ -74,12 +74,13 @@ class Call:
 
 
 async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    too_large = f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB."
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB.")
+        raise PayloadTooLarge(too_large)
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB.") from None
+    except web.HTTPRequestEntityTooLarge:  # a chunked body has no Content-Length to judge first
+        raise PayloadTooLarge(too_large) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
