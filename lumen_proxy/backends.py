@@ -32,10 +32,14 @@ class Upstream(Protocol):
 
     status: int
     content_type: str
+    retry_headers: dict[str, str]  # a backend's own Retry-After on its 429, passed on to the client
 
     async def read(self) -> bytes: ...
     def chunks(self) -> AsyncIterator[bytes]: ...
     def close(self) -> None: ...
+
+
+_RETRY_HEADERS = ("Retry-After", "retry-after-ms")
 
 
 class HttpUpstream:
@@ -43,6 +47,8 @@ class HttpUpstream:
         self.response = response
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/json")
+        self.retry_headers = {name: response.headers[name] for name in _RETRY_HEADERS
+                              if name in response.headers} if response.status == 429 else {}
 
     async def read(self) -> bytes:
         return await self.response.read()

@@ -59,6 +59,7 @@ class EchoUpstream:
         self.status = 200
         self.stream = body.get("stream") is True and path != "/embeddings"
         self.content_type = "text/event-stream" if self.stream else "application/json"
+        self.retry_headers: dict[str, str] = {}
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
         self.closed = False

@@ -246,6 +246,7 @@ async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str]) -
         call.estimate = (call.estimate[0], len(data) // 4)
     headers["Server-Timing"] = call.server_timing()
     headers["Content-Type"] = upstream.content_type
+    headers.update(upstream.retry_headers)
     return web.Response(status=upstream.status, body=data, headers=headers)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,46 @@ async def test_backend_4xx_with_the_sdk(proxy: Proxy, alice: str, upstream: Upst
     assert caught.value.code == "context_length_exceeded"
     assert caught.value.param == "messages"
     assert "maximum context length is 5 tokens" in caught.value.message
+
+
+async def test_a_backends_own_429_passes_its_retry_after_to_the_client(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    """OpenAI itself rate-limits the department: its Retry-After must reach the SDK, which then waits."""
+    calls = 0
+
+    async def chat(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            error = {"error": {"message": "Rate limit reached for gpt-4o", "type": "requests", "param": None,
+                               "code": "rate_limit_exceeded"}}
+            return web.json_response(error, status=429, headers={"Retry-After": "1", "retry-after-ms": "600"})
+        body = await request.json()
+        return web.json_response({
+            "id": "chatcmpl-r", "object": "chat.completion", "created": 1, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "later"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_upstream(app) as backend:
+        proxy = await make_proxy(build_config(tmp_path, config_dict(tmp_path, [backend.base_url])))
+        await proxy.account("alice")
+        key = await proxy.key("alice")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(proxy.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                 json={"model": "gpt-4o", "messages": HELLO}) as resp:
+                assert resp.status == 429
+                assert resp.headers["Retry-After"] == "1"
+                assert resp.headers["retry-after-ms"] == "600"
+                assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+        calls = 0
+        started = time.monotonic()
+        reply = await proxy.sdk(key, max_retries=1).chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert reply.choices[0].message.content == "later"
+        assert calls == 2
+        assert time.monotonic() - started >= 0.55  # the SDK waited as the backend asked (600 ms)
 
 
 async def test_backend_4xx_to_a_stream_request_is_a_json_error(
