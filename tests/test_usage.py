@@ -205,6 +205,24 @@ async def test_graceful_stop_loses_no_row(
     assert [tuple(r) for r in rows] == [(200, 0)] * 13
 
 
+async def test_a_hard_kill_loses_only_requests_that_ended_in_the_last_batch_window(
+        tmp_path: Path, upstream: UpstreamServer, lumen_process: Callable[..., LumenProcess]) -> None:
+    """README's kill -9 promise: rows are committed within ~100 ms of the request's end, balance with them."""
+    config_file = write_config(tmp_path, config_dict(tmp_path, [upstream.base_url]))
+    assert cli("accounts", "add", "alice", "--coins", "10", config=config_file).returncode == 0
+    key = cli("keys", "create", "alice", config=config_file).stdout.strip()
+    server = await asyncio.to_thread(lumen_process, config_file)
+    async with openai.AsyncOpenAI(api_key=key, base_url=server.base_url, max_retries=0) as client:
+        await asyncio.gather(*(client.chat.completions.create(model="gpt-4o", messages=HELLO) for _ in range(8)))
+    await asyncio.sleep(0.3)  # more than one batch interval (0.1 s) after the last request ended
+    server.process.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(server.process.wait, 10)
+    rows = query(tmp_path / "lumen.db", "SELECT status, cost FROM usage")
+    assert [r["status"] for r in rows] == [200] * 8
+    balance = query(tmp_path / "lumen.db", "SELECT balance FROM accounts WHERE name = 'alice'")[0]["balance"]
+    assert balance == 10 * 1_000_000 - sum(r["cost"] for r in rows)  # the debits came with their rows
+
+
 # -- reports -------------------------------------------------------------------------------------------------
 async def test_usage_cli_reports_match_the_rows(proxy: Proxy, alice: str, config_file: Path) -> None:
     second = await proxy.key("alice")
