@@ -64,9 +64,12 @@ async def run(config: Config, path: str | None) -> int:
         await runner.cleanup()
         return 1
     # Everything built so far (modules, the app, the config) lives as long as the process: moving it
-    # out of the collector's reach keeps full collections short. Measured at 128 connections:
-    # ~270 -> ~185 us of CPU per request.
+    # out of the collector's reach keeps full collections short (measured at 128 connections: ~270 ->
+    # ~195 us of CPU per request). Requests free their objects by reference counting, so the young
+    # generation can be collected 14x less often than CPython's default of 700 allocations: another
+    # ~12 us per request at c=128, and no 100+ ms p99 outliers in A/B runs against the default.
     gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
