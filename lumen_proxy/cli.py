@@ -308,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     p = keys.add_parser("create", parents=[common, as_json],
-                        help="create a key; prints it alone on stdout, once (only its hash is stored)")
+                        help="create a key; prints it alone on stdout, once (only its hash is stored)",
+                        description="Create an API key for ACCOUNT. The key is printed alone on stdout, once: "
+                                    "only its hash is stored, so it cannot be shown again.")
     p.add_argument("account")
     p.add_argument("--label", help="a note, e.g. the laptop or script it is for")
     p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (00:00 UTC) or ISO time after which it fails")
@@ -333,9 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Usage totals from the daily aggregate. "
                                        "'lumen-proxy usage prune --before DATE' deletes old raw rows.")
     usage.add_argument("account", nargs="?", help="only this account")
-    usage.add_argument("--since", metavar="DATE")
-    usage.add_argument("--until", metavar="DATE", help="inclusive")
-    usage.add_argument("--by", choices=("day", "model", "key", "account"), default="day")
+    usage.add_argument("--since", metavar="DATE", help="first day, YYYY-MM-DD (UTC), inclusive")
+    usage.add_argument("--until", metavar="DATE", help="last day, YYYY-MM-DD (UTC), inclusive")
+    usage.add_argument("--by", choices=("day", "model", "key", "account"), default="day",
+                       help="group the totals (default: day)")
     usage.add_argument("--csv", action="store_true", help="print CSV")
     usage.set_defaults(run=usage_report)
     return parser
