@@ -134,6 +134,7 @@ class BackendPool:
 _NOT_FORWARDED = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
     "upgrade", "host", "content-length", "authorization", "cookie", "accept-encoding", "content-type",
+    "expect", "proxy-connection",  # Expect was for us (curl sends it for large bodies); we have the body
 })
 
 

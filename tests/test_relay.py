@@ -142,6 +142,17 @@ async def test_backend_gets_its_own_key_and_never_the_clients(
     assert all(alice not in value for value in seen.values())
 
 
+async def test_expect_100_continue_is_answered_here_and_not_forwarded(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    """curl sends `Expect: 100-continue` for large bodies; a backend that ignores it would stall us."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 5000}]}
+    async with http.post(f"{proxy.base_url}/chat/completions", json=body, headers=bearer(alice),
+                         expect100=True) as response:
+        assert response.status == 200
+    assert "Expect" not in upstream.state.last.headers
+
+
 async def test_hop_by_hop_headers_are_not_forwarded(
     proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
 ) -> None:
