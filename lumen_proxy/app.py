@@ -19,6 +19,7 @@ from aiohttp import web
 from . import __version__
 from .auth import account_limits, require_model, visible_models
 from .config import Config, Model
+from .cors import add_cors_headers, cors_preflight
 from .errors import BadRequest, NotFound, make_error_middleware
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
@@ -126,7 +127,9 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                monotonic: Callable[[], float] = time.monotonic, usage_interval: float = 0.1,
                access_log: Any = None,
                on_ready: Callable[[Runtime], Coroutine[Any, Any, None]] | None = None) -> web.Application:
-    app = web.Application(middlewares=[make_error_middleware()], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[make_error_middleware(), cors_preflight],
+                          client_max_size=config.max_body_bytes)
+    app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(make_context(config, clock=clock, monotonic=monotonic, usage_interval=usage_interval,
                                         access_log=access_log, on_ready=on_ready))
     app.router.add_get("/v1/models", list_models)

@@ -101,6 +101,7 @@ class Config:
     shutdown_grace: float = 30.0
     admin_token: str | None = None
     log_prompts: bool = False
+    cors_origins: tuple[str, ...] = ("*",)
     demo: bool = False
     by_name: Mapping[str, Model] = field(default_factory=dict, compare=False, repr=False)
 
@@ -194,6 +195,17 @@ def _limits(r: _Reader, value: Any, path: str) -> LimitSpec:
     )
 
 
+def _origins(r: _Reader, value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        example = '["https://chat.example.org"], ["*"] or []'
+        raise r.fail(path, f"must be a list of origins like {example}, got {_kind(value)}")
+    origins = tuple(r.string(v, f"{path}[{i}]").rstrip("/") for i, v in enumerate(value))
+    for i, origin in enumerate(origins):
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise r.fail(f"{path}[{i}]", f"must be \"*\" or start with http:// or https://, got {origin!r}")
+    return origins
+
+
 def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
     data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage"})
     if "url" not in data:
@@ -238,7 +250,7 @@ def _model(r: _Reader, value: Any, path: str) -> Model:
 
 _TOP = {
     "listen", "database", "models", "limits", "timeouts", "circuit_breaker", "health_check_interval",
-    "max_body_mb", "shutdown_grace", "admin_token", "log_prompts", "demo",
+    "max_body_mb", "shutdown_grace", "admin_token", "log_prompts", "demo", "cors_origins",
 }
 
 
@@ -283,6 +295,7 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         shutdown_grace=r.optional(top, "shutdown_grace", "", seconds, 30.0),
         admin_token=r.optional(top, "admin_token", "", r.string, None),
         log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
+        cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),
         demo=r.optional(top, "demo", "", r.boolean, False),
         by_name=by_name,
     )
