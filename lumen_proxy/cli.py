@@ -236,6 +236,15 @@ async def usage_prune(store: Store, config: Config, args: argparse.Namespace) ->
                                             "(daily totals are kept)")
 
 
+def check_config(args: argparse.Namespace) -> int:
+    config = load(args)
+    summary = {"config": config.source, "models": [m.name for m in config.models],
+               "database": str(config.database), "listen": f"{config.host}:{config.port}"}
+    emit(args, summary, lambda: f"{config.source}: ok ({len(config.models)} models: "
+                                f"{', '.join(summary['models'])}; database {config.database})")
+    return 0
+
+
 # -- plumbing ------------------------------------------------------------------------------------------
 AdminCommand = Callable[[Store, Config, argparse.Namespace], Awaitable[None]]
 
@@ -276,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the server. SIGTERM/SIGINT stop gracefully; SIGHUP reloads the config.")
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+
+    check = sub.add_parser("check", parents=[common, as_json], help="validate the config without starting",
+                           description="Load and validate the config as 'serve' would (environment variables "
+                                       "included), then exit: 0 if it is valid, 2 with one line if not. Run it "
+                                       "before 'systemctl reload'.")
+    check.set_defaults(run=None)
 
     accounts = sub.add_parser("accounts", help="create and manage accounts").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -376,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load(args)
             config = replace(config, host=args.host or config.host, port=args.port or config.port)
             return serve(config, find_config_path(args.config))
+        if args.command == "check":
+            return check_config(args)
         asyncio.run(run_admin(args.run, args))
         return 0
     except CliError as exc:

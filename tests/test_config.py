@@ -8,6 +8,7 @@ parses, and every key the parser accepts is in it.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,24 @@ def test_backend_labels_never_carry_credentials(tmp_path: Path) -> None:
     config = parse_config(data, str(tmp_path / "lumen.yaml"), tmp_path)
     assert [b.label for b in config.models[0].backends] == ["https://llm.internal:8443/v1", "builtin:echo"]
     assert config.models[0].backends[0].url.startswith("https://svc:hunter2@")  # still used to connect
+
+
+def test_check_validates_the_config_without_starting(tmp_path: Path) -> None:
+    """`lumen-proxy check` before `systemctl reload`: exit 0 and a summary, or exit 2 and the one line."""
+    good = tmp_path / "good.yaml"
+    good.write_text("database: lumen.db\nmodels:\n  - name: echo\n    backends: [{url: 'builtin:echo'}]\n")
+    done = cli("check", config=good)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{good}: ok (1 models: echo; database {tmp_path / 'lumen.db'})"
+    assert json.loads(cli("check", "--json", config=good).stdout)["models"] == ["echo"]
+    assert not (tmp_path / "lumen.db").exists()  # nothing was started or created
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("database: lumen.db\nmodels:\n  - name: echo\n    backend: [{url: 'builtin:echo'}]\n")
+    done = cli("check", config=bad)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"lumen-proxy: {bad}: models[0].backend: unknown key (allowed here: backends, limits, max_output_tokens, "
+        "name, owned_by, price)"
+    ]
