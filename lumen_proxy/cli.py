@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load(args)
             config = replace(config, host=args.host or config.host, port=args.port or config.port)
             return serve(config, find_config_path(args.config))
-        if args.command == "check":
+        if getattr(args, "command", None) == "check":
             return check_config(args)
         asyncio.run(run_admin(args.run, args))
         return 0
