@@ -10,7 +10,6 @@ import dataclasses
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,12 +17,13 @@ from aiohttp import web
 
 from . import __version__
 from .auth import account_limits, require_model, visible_models
+from .billing import to_coins
 from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
 from .errors import BadRequest, NotFound, make_error_middleware
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
-from .store import utc_day
+from .store import parse_utc, utc_day
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -78,10 +78,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def _coins(micro: int) -> float:
-    return micro / 1_000_000
-
-
 async def me(request: web.Request) -> web.Response:
     """A key holder's own account: balance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
@@ -89,8 +85,8 @@ async def me(request: web.Request) -> web.Response:
     account = principal.account
     return _json({
         "account": account.name,
-        "coins": _coins(rt.wallets.settled(account.id)),
-        "coins_held": _coins(rt.wallets.held.get(account.id, 0)),
+        "coins": to_coins(rt.wallets.settled(account.id)),
+        "coins_held": to_coins(rt.wallets.held.get(account.id, 0)),
         "models": [m.name for m in visible_models(rt.config, account)],
         "limits": dataclasses.asdict(account_limits(rt.config.limits, account)),
         "key_id": principal.key_id,
@@ -106,7 +102,7 @@ async def usage(request: web.Request) -> web.Response:
     since, until = (_day_param(request, name) for name in ("since", "until"))
     rows = await rt.store.usage_report(principal.account.id, since=since, until=until, by=by)
     for row in rows:
-        row["cost"] = _coins(row["cost"])
+        row["cost"] = to_coins(row["cost"])
     return _json({"object": "list", "account": principal.account.name, "by": by, "since": since, "until": until,
                   "data": rows})
 
@@ -117,10 +113,9 @@ def _day_param(request: web.Request, name: str) -> str | None:
     if not text:
         return None
     try:
-        moment = datetime.fromisoformat(text)
+        return utc_day(parse_utc(text))
     except ValueError:
         raise BadRequest(f"Parameter '{name}' must be a date like 2026-11-01.", param=name) from None
-    return utc_day((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,

@@ -13,10 +13,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Model, Price
+from .config import MICRO, Model, Price
 
 PER_MILLION = 1_000_000
 EMBEDDING_PATHS = ("/v1/embeddings",)
+
+
+def to_coins(micro: int) -> float:
+    """Micro-coins as a coin number for JSON, logs and metrics (exact to 6 decimals below 9e9 coins)."""
+    return micro / MICRO
 
 
 def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:

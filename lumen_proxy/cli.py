@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, find_config_path, load_config
-from .store import AccountRow, KeyRow, Store, StoreError, utc_day
+from .store import AccountRow, KeyRow, Store, StoreError, parse_utc, utc_day
 
 
 class CliError(Exception):
@@ -57,12 +57,9 @@ def parse_coins(text: str) -> int:
 def parse_date(text: str) -> float:
     """YYYY-MM-DD (00:00 UTC) or an ISO 8601 time; returns a Unix timestamp."""
     try:
-        moment = datetime.fromisoformat(text)
+        return parse_utc(text)
     except ValueError:
         raise CliError(f"invalid date {text!r}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM", 2) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def iso(ts: float | None) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
+from .billing import to_coins
 from .store import UsageRow
 
 Labels = tuple[str, ...]
@@ -117,7 +118,7 @@ class Metrics:
         if row.completion_tokens:
             self.tokens.inc((row.model, "completion"), row.completion_tokens)
         if row.cost:
-            self.coins.inc(model, row.cost / 1_000_000)
+            self.coins.inc(model, to_coins(row.cost))
 
     def rate_limited(self, model: str, limit: str) -> None:
         self.refusals.inc((model, limit))

@@ -129,6 +129,15 @@ def _key(row: Sequence[Any]) -> KeyRow:
     return KeyRow(*row)
 
 
+def parse_utc(text: str) -> float:
+    """``YYYY-MM-DD`` (00:00 UTC) or an ISO 8601 time (UTC unless it says otherwise) -> Unix time.
+
+    Raises ValueError; the CLI and the HTTP API each turn that into their own one-line error.
+    """
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
 def utc_day(ts: float) -> str:
     return _day_name(int(ts // 86400))
 

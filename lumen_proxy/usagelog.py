@@ -1,7 +1,8 @@
 """The usage log writer: request rows and their debits, batched off the request path.
 
-``record`` never awaits (a cancelled handler can always call it). A background task commits the
-queue every ``interval`` seconds in ONE transaction per batch (rows + debits + daily aggregate), then
+``record`` never awaits (a cancelled handler can always call it) and prepares the row and its log
+line right away, so no flush stalls the event loop. A background task commits what was recorded
+every ``interval`` seconds in ONE transaction per batch (rows + debits + daily aggregate), then
 moves the debits from pending into the in-memory balances under the same lock the key/account view
 reloads with. A failed commit keeps the rows and retries; ``close`` flushes everything.
 What a hard kill (SIGKILL, power loss) can lose: the rows of requests that ended in the last
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from .billing import Wallets
+from .billing import Wallets, to_coins
 from .store import Store, UsageBatch, UsageRow
 
 log = logging.getLogger("lumen_proxy")
@@ -28,7 +29,7 @@ def _log_fields(row: UsageRow, account: str, prompt: Any) -> dict[str, Any]:
         "time": round(row.time, 3), "request_id": row.request_id, "account": account,
         "key_id": row.key_id, "model": row.model, "endpoint": row.endpoint, "backend": row.backend,
         "status": row.status, "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens, "cost": row.cost / 1_000_000,
+        "completion_tokens": row.completion_tokens, "cost": to_coins(row.cost),
         "estimated": row.estimated, "partial": row.partial, "duration_ms": round(row.duration_ms, 2),
         "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 2),
     }
