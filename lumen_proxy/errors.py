@@ -22,11 +22,11 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 log = logging.getLogger("lumen_proxy")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -134,9 +134,6 @@ def _translate_http(exc: web.HTTPException, request: web.Request) -> LumenError:
     if exc.status == 413:
         return PayloadTooLarge("Request body is too large.")
     return BadRequest(exc.reason or "Bad request.", code=None)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_error_middleware() -> Middleware:

@@ -41,6 +41,16 @@ def usage_row(proxy: Proxy, request_id: str) -> sqlite3.Row:
     return rows[0]
 
 
+async def billed_row(proxy: Proxy, key: str, stream: bool) -> sqlite3.Row:
+    """Send TEN_WORDS (reading a stream to its end), flush, and return the request's usage row."""
+    raw = await proxy.sdk(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=TEN_WORDS, stream=stream)
+    if stream:
+        _ = [chunk async for chunk in raw.parse()]
+    await proxy.flush()
+    return usage_row(proxy, raw.headers["x-request-id"])
+
+
 def balance(proxy: Proxy, account: str) -> int:
     return int(query(proxy.rt.config.database, "SELECT balance FROM accounts WHERE name = ?", account)[0][0])
 
@@ -132,12 +142,7 @@ async def test_embeddings_bill_prompt_tokens_only(proxy: Proxy, alice: str) -> N
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_usage_details_are_kept(proxy: Proxy, alice: str, upstream: UpstreamServer, stream: bool) -> None:
     upstream.state.behavior.cached_tokens = 4
-    raw = await proxy.sdk(alice).chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=TEN_WORDS, stream=stream)
-    if stream:
-        _ = [chunk async for chunk in raw.parse()]
-    await proxy.flush()
-    row = usage_row(proxy, raw.headers["x-request-id"])
+    row = await billed_row(proxy, alice, stream)
     assert json.loads(row["details"]) == {"prompt_tokens_details": {"cached_tokens": 4}}
 
 
@@ -145,12 +150,7 @@ async def test_usage_details_are_kept(proxy: Proxy, alice: str, upstream: Upstre
 async def test_backend_without_usage_is_billed_an_estimate(
         proxy: Proxy, alice: str, upstream: UpstreamServer, stream: bool) -> None:
     upstream.state.behavior.omit_usage = True
-    raw = await proxy.sdk(alice).chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=TEN_WORDS, stream=stream)
-    if stream:
-        _ = [chunk async for chunk in raw.parse()]
-    await proxy.flush()
-    row = usage_row(proxy, raw.headers["x-request-id"])
+    row = await billed_row(proxy, alice, stream)
     assert (row["status"], row["estimated"]) == (200, 1)
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
     assert row["cost"] == price_formula("gpt-4o", row["prompt_tokens"], row["completion_tokens"]) > 0
