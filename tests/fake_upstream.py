@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+NOT_SET: Any = object()  # Behavior.usage_override's "send the real usage"
 StreamOptionsPolicy = Literal["accept", "reject", "reject_unless_stream"]
 JSON = dict[str, Any]
 
@@ -78,6 +79,10 @@ class Behavior:
     stream_options: StreamOptionsPolicy = "accept"  # "reject...": 400 like older vLLM builds
     cached_tokens: int = 0  # reported as usage.prompt_tokens_details.cached_tokens
     reply: str | None = None  # replaces the echo text of chat and text completions
+    # Lying backends: when set, this value is sent as `usage` verbatim (any JSON: -5, "12", {}, 2**63...).
+    usage_override: Any = NOT_SET
+    ignore_max_tokens: bool = False  # generate the whole reply whatever max_tokens says (Ollama's default)
+    gate: asyncio.Event | None = None  # when set, every POST waits for it before answering
 
 
 @dataclass
@@ -215,6 +220,8 @@ async def _record_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         if state.behavior.first_byte_delay:
             await asyncio.sleep(state.behavior.first_byte_delay)
+        if state.behavior.gate is not None and request.method == "POST":
+            await state.behavior.gate.wait()
         response = _refusal(state, request, body) or await handler(request)
     except asyncio.CancelledError:  # aiohttp cancels the handler when the client disconnects
         _mark_disconnected(state, record)
@@ -368,22 +375,22 @@ def _wants_tool_call(body: JSON) -> str | None:
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[UPSTREAM_STATE]
+    behavior = state.behavior
     body: JSON = request[_RECORD].body
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return error_response(400, "messages must be a non-empty list", "invalid_request_error", param="messages")
     prompt_tokens = count_prompt_tokens(messages)
-    limit = state.behavior.max_context_tokens
+    limit = behavior.max_context_tokens
     if limit is not None and prompt_tokens > limit:
         return _context_length_error(limit, prompt_tokens, "messages")
     tool = _wants_tool_call(body)
-    pieces = split_pieces(state.behavior.reply or chat_reply(state.name, messages))
-    finish_reason = "tool_calls" if tool else "stop"
-    max_tokens = _max_tokens(body)
-    if not tool and max_tokens is not None and len(pieces) > max_tokens:
-        pieces, finish_reason = pieces[:max_tokens], "length"
-    completion_tokens = len(TOOL_ARGUMENT_FRAGMENTS) if tool else len(pieces)
-    usage = _usage(prompt_tokens, completion_tokens, state.behavior.cached_tokens)
+    pieces, finish_reason = _capped(behavior, body, split_pieces(behavior.reply or chat_reply(state.name, messages)))
+    if tool:
+        finish_reason = "tool_calls"
+    n = _n(body)
+    completion_tokens = n * (len(TOOL_ARGUMENT_FRAGMENTS) if tool else len(pieces))
+    usage = _usage(prompt_tokens, completion_tokens, behavior.cached_tokens)
     record = request[_RECORD]
     base = {
         "id": f"chatcmpl-{record.id}",
@@ -402,11 +409,31 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             "function": {"name": tool, "arguments": TOOL_ARGUMENTS},
         }
         message["tool_calls"] = [call]
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-    payload = {**base, "choices": [choice], "system_fingerprint": "fp_fake"}
-    if not state.behavior.omit_usage:
-        payload["usage"] = usage
+    choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason} for i in range(n)]
+    payload = {**base, "choices": choices, "system_fingerprint": "fp_fake"}
+    if not behavior.omit_usage:
+        payload["usage"] = _reported(behavior, usage)
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+def _n(body: JSON) -> int:
+    """Choices per prompt: `n` (vLLM's `best_of` generates that many too, all billed)."""
+    n, best_of = body.get("n"), body.get("best_of")
+    n = n if isinstance(n, int) and n > 0 else 1
+    return max(n, best_of) if isinstance(best_of, int) and best_of > 0 else n
+
+
+def _capped(behavior: Behavior, body: JSON, pieces: list[str]) -> tuple[list[str], str]:
+    """The reply cut at max_tokens (one piece per token), unless the backend ignores max_tokens."""
+    max_tokens = _max_tokens(body)
+    if not behavior.ignore_max_tokens and max_tokens is not None and len(pieces) > max_tokens:
+        return pieces[:max_tokens], "length"
+    return pieces, "stop"
+
+
+def _reported(behavior: Behavior, usage: JSON) -> Any:
+    """The usage object as the (possibly lying) backend reports it."""
+    return usage if behavior.usage_override is NOT_SET else behavior.usage_override
 
 
 def _chat_deltas(pieces: list[str], tool: str | None, call_id: str) -> list[JSON]:
@@ -431,8 +458,10 @@ async def _stream_chat(
     chunk_base = {**base, "object": "chat.completion.chunk", "system_fingerprint": "fp_fake"}
     first: JSON = {"role": "assistant", "content": None if tool else "", "refusal": None}
     deltas = [first, *_chat_deltas(pieces, tool, f"call_{record.id}")]
-    choices: list[JSON] = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
-    choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
+    choices: list[JSON] = []
+    for index in range(_n(body)):
+        choices += [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason})
     events = [{**chunk_base, "choices": [c]} for c in choices]
     return await _write_stream(request, body, chunk_base, events, usage)
 
@@ -445,7 +474,7 @@ async def _write_stream(
     behavior = state.behavior
     if _include_usage(body) and not behavior.omit_usage:
         events = [{**e, "usage": None} for e in events]
-        events.append({**chunk_base, "choices": [], "usage": usage})
+        events.append({**chunk_base, "choices": [], "usage": _reported(behavior, usage)})
     record = request[_RECORD]
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "x-request-id": record.id}
     response = web.StreamResponse(headers=headers)
@@ -508,19 +537,18 @@ def _prompt_texts(prompt: Any) -> tuple[list[str], int]:
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[UPSTREAM_STATE]
+    behavior = state.behavior
     body: JSON = request[_RECORD].body
     texts, prompt_tokens = _prompt_texts(body.get("prompt"))
     if not texts:
         return error_response(400, "prompt must be a string or a list", "invalid_request_error", param="prompt")
-    limit = state.behavior.max_context_tokens
+    limit = behavior.max_context_tokens
     if limit is not None and prompt_tokens > limit:
         return _context_length_error(limit, prompt_tokens, "prompt")
-    pieces = split_pieces(state.behavior.reply or f"Echo from {state.name}: {texts[0]}")
-    finish_reason = "stop"
-    max_tokens = _max_tokens(body)
-    if max_tokens is not None and len(pieces) > max_tokens:
-        pieces, finish_reason = pieces[:max_tokens], "length"
-    usage = _usage(prompt_tokens, len(pieces), state.behavior.cached_tokens)
+    n = _n(body)
+    # One choice per prompt and per n, as vLLM and OpenAI answer a prompt list: index = prompt * n + i.
+    replies = [_capped(behavior, body, split_pieces(behavior.reply or f"Echo from {state.name}: {t}")) for t in texts]
+    usage = _usage(prompt_tokens, n * sum(len(p) for p, _ in replies), behavior.cached_tokens)
     record = request[_RECORD]
     base = {
         "id": f"cmpl-{record.id}",
@@ -528,15 +556,19 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         "created": CREATED,
         "model": body["model"],
     }
+    indexed = [(p * n + i, pieces, finish) for p, (pieces, finish) in enumerate(replies) for i in range(n)]
     if body.get("stream"):
-        choices = [{"text": p, "index": 0, "logprobs": None, "finish_reason": None} for p in pieces]
-        choices.append({"text": "", "index": 0, "logprobs": None, "finish_reason": finish_reason})
+        choices = []
+        for index, pieces, finish_reason in indexed:
+            choices += [{"text": p, "index": index, "logprobs": None, "finish_reason": None} for p in pieces]
+            choices.append({"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason})
         events = [{**base, "choices": [c]} for c in choices]
         return await _write_stream(request, body, base, events, usage)
-    choice = {"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": finish_reason}
-    payload = {**base, "choices": [choice]}
-    if not state.behavior.omit_usage:
-        payload["usage"] = usage
+    whole = [{"text": "".join(pieces), "index": index, "logprobs": None, "finish_reason": finish_reason}
+             for index, pieces, finish_reason in indexed]
+    payload = {**base, "choices": whole}
+    if not behavior.omit_usage:
+        payload["usage"] = _reported(behavior, usage)
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
@@ -574,7 +606,7 @@ async def _embeddings(request: web.Request) -> web.Response:
         "object": "list",
         "data": data,
         "model": body["model"],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "usage": _reported(request.app[UPSTREAM_STATE].behavior, {"prompt_tokens": tokens, "total_tokens": tokens}),
     }
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
