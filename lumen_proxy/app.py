@@ -20,6 +20,7 @@ from .auth import account_limits, require_model, visible_models
 from .billing import to_coins
 from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
+from .endpoints import ENDPOINTS
 from .errors import BadRequest, NotFound, make_error_middleware
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
@@ -37,7 +38,7 @@ def _model_object(model: Model, created: int) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    principal = await rt.view.identify(request.headers.get("Authorization"))
     created = int(rt.started)
     data = [_model_object(m, created) for m in visible_models(rt.config, principal.account)]
     return _json({"object": "list", "data": data})
@@ -45,7 +46,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    principal = await rt.view.identify(request.headers.get("Authorization"))
     model = require_model(rt.config, principal.account, request.match_info["model"])
     return _json(_model_object(model, int(rt.started)))
 
@@ -81,7 +82,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def me(request: web.Request) -> web.Response:
     """A key holder's own account: balance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
-    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    principal = await rt.view.identify(request.headers.get("Authorization"))
     account = principal.account
     return _json({
         "account": account.name,
@@ -95,7 +96,7 @@ async def me(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = rt.view.authenticate(request.headers.get("Authorization"))
+    principal = await rt.view.identify(request.headers.get("Authorization"))
     by = request.query.get("by", "day")
     if by not in ("day", "model", "key"):
         raise BadRequest("Parameter 'by' must be day, model or key.", param="by")
@@ -129,7 +130,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                                         access_log=access_log, on_ready=on_ready))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    for path in ENDPOINTS:
         app.router.add_post(path, relay)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

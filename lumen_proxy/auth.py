@@ -2,7 +2,10 @@
 
 Keys and accounts are served from an in-memory view; SQLite is off the request path. The view is
 reloaded when ``PRAGMA data_version`` moves (another connection, i.e. the admin CLI, committed),
-polled every ``POLL`` seconds, so an admin change takes effect within a second. If the database
+polled every ``POLL`` seconds, so an admin change takes effect within a second. A key the view does
+not know gets one more look before its 401 (:meth:`AccessView.identify`), so a key works the moment
+``keys create`` returns; those looks are coalesced and spaced ``MISS_SPACING`` apart, so a flood of
+unknown keys costs SQLite at most one cheap ``data_version`` read per spacing. If the database
 cannot be read for longer than ``STALE_AFTER`` the view is no longer trusted and callers get 503,
 never 401: a client treats 401 as "my key is wrong".
 """
@@ -26,6 +29,11 @@ from .store import AccountRow, KeyRow, Store
 log = logging.getLogger("lumen_proxy")
 POLL = 0.25
 STALE_AFTER = 3.0
+MISS_SPACING = 0.02
+
+
+class UnknownKey(InvalidKey):
+    """No key with this hash in the view (as opposed to an expired or malformed one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,8 @@ class AccessView:
         self.accounts: dict[int, AccountRow] = {}
         self._version: int | None = None
         self._fresh_at = 0.0  # monotonic time of the last successful check
+        self._miss_lock = asyncio.Lock()
+        self._looked_at = -MISS_SPACING  # monotonic time the last look for an unknown key started
 
     async def reload(self) -> None:
         async with self.lock:  # never between a usage commit and its wallet update
@@ -76,6 +86,29 @@ class AccessView:
             except Exception as exc:  # keep serving from the view; stale_for() decides when to stop
                 log.error("cannot read the database to refresh keys and accounts: %s", exc)
 
+    async def identify(self, authorization: str | None) -> Principal:
+        """:meth:`authenticate`, looking at the database once more before calling a key unknown."""
+        try:
+            return self.authenticate(authorization)
+        except UnknownKey:
+            await self._look_again()
+            return self.authenticate(authorization)
+
+    async def _look_again(self) -> None:
+        """Reload if the CLI committed since: one look at a time, joined by every miss that came before it."""
+        asked = time.monotonic()
+        async with self._miss_lock:
+            if self._looked_at >= asked:  # a look that started after this miss has seen what it needs
+                return
+            wait = self._looked_at + MISS_SPACING - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._looked_at = time.monotonic()
+            try:
+                await self.refresh()
+            except Exception as exc:  # the poll loop reports and decides staleness; this caller gets its 401
+                log.debug("cannot look for a new key: %s", exc)
+
     def is_stale(self) -> bool:
         return self._version is None or time.monotonic() - self._fresh_at > STALE_AFTER
 
@@ -88,7 +121,7 @@ class AccessView:
                                      headers={"Retry-After": "5"})
         key = self.keys.get(hash_key(token))
         if key is None:
-            raise InvalidKey(f"Incorrect API key provided: {_redact(token)}. Ask your administrator for a key.")
+            raise UnknownKey(f"Incorrect API key provided: {_redact(token)}. Ask your administrator for a key.")
         if key.expires_at is not None and key.expires_at <= self.clock():
             raise InvalidKey(f"The API key {key.prefix}... has expired. Ask your administrator for a new key.")
         account = self.accounts.get(key.account_id)

@@ -1,10 +1,26 @@
 """Choosing a backend: round robin over the healthy ones, failover, and a circuit breaker.
 
-A backend fails when it refuses the connection, times out connecting, or answers 5xx before any byte
-went to the client; its 4xx is the client's problem and never counts. ``failures`` consecutive
-failures open the breaker: the backend is skipped for ``cooldown`` seconds, then exactly one request
-probes it and either closes the breaker or opens it again. One blip (fewer than ``failures``) changes
-nothing. Breaker state is keyed by backend URL and model, so it survives a config reload.
+The breaker takes a backend out only on evidence that the backend itself is broken, so that no key
+holder can take a model down for others:
+
+- Strong evidence counts at once: a refused or reset connection, an answer that is not HTTP, a
+  connect timeout, a 502 or 503 from the backend, a failed health check.
+- Ambiguous evidence may be the request's own doing: no first byte within ``timeouts.first_byte``
+  (a long generation), any other 5xx (a 500 for this body), an exception we did not foresee. It
+  counts only once requests of at least two accounts have seen it since the backend's last success.
+
+``failures`` consecutive failures that count open the breaker; one blip changes nothing. An open
+backend is skipped for ``cooldown`` seconds, then exactly one request probes it, and the probe always
+ends: a success closes the breaker, a failure that counts opens it for another cooldown, anything
+else (the client left, one account's ambiguous failure) frees the slot for the next request, and a
+probe still out after ``connect + first_byte`` seconds lets another request probe. A 4xx is the
+client's problem and never counts.
+
+A request moves on to the next backend after strong evidence or a 5xx, but a first-byte timeout is
+a 504 at once: an already slow model is not sent the same request twice. When no backend can serve,
+the 503's ``Retry-After`` is the time until one may be tried again, with ``x-should-retry: false``
+when that is longer than an SDK's retries could usefully wait. Breaker state is keyed by backend URL
+and model, so it survives a config reload.
 """
 
 from __future__ import annotations
@@ -12,19 +28,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
 
 from .config import Backend, Breaker, Config, Model, Timeouts
-from .errors import BackendUnavailable, UpstreamTimeout
+from .errors import BackendUnavailable, LumenError, UpstreamTimeout
 
 log = logging.getLogger("lumen_proxy")
-RETRY_AFTER_UNAVAILABLE = "10"
+# Seconds: the openai SDKs retry a 503 twice, after 0.5-1 s of backoff or after its Retry-After. A
+# longer wait for a backend only holds the caller up, so the 503 then says x-should-retry: false.
+SDK_PATIENCE = 2.0
+BACKEND_DOWN = frozenset({502, 503})  # the backend (or the proxy in front of it) says it cannot serve
 
 
 class Upstream(Protocol):
@@ -64,15 +84,25 @@ class HttpUpstream:
 
 @dataclass(slots=True)
 class BreakerState:
-    failures: int = 0
+    failures: int = 0  # strong evidence since the last success
+    suspect: int = 0  # ambiguous failures since the last success ...
+    accounts: set[int | None] = field(default_factory=set)  # ... and whose requests saw them (None: unknown)
     open_until: float = 0.0
-    probing: bool = False
+    probe_until: float = 0.0  # while a probe is out: when another request may probe instead
     up: bool = True
 
+    def counted(self) -> int:
+        """The failures that count: ambiguous ones only once two accounts have seen them."""
+        return self.failures + (self.suspect if len(self.accounts) > 1 else 0)
+
     def can_try(self, now: float) -> bool:
-        if self.up or (now >= self.open_until and not self.probing):
-            return True
-        return False
+        return self.up or (now >= self.open_until and now >= self.probe_until)
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until a request may go to this backend; 0 while a probe is out (it may close it now)."""
+        if self.up or now < self.probe_until:
+            return 0.0
+        return max(self.open_until - now, 0.0)
 
 
 class BackendPool:
@@ -83,6 +113,7 @@ class BackendPool:
         self.states: dict[tuple[str, str], BreakerState] = {}
         self._turns: dict[str, itertools.count[int]] = {}
         self.breaker = Breaker()
+        self.timeouts = Timeouts()  # how long a probe may be out before another request probes
 
     def state(self, backend: Backend) -> BreakerState:
         state = self.states.get((backend.url, backend.model))
@@ -103,26 +134,60 @@ class BackendPool:
         ordered = [model.backends[(start + i) % n] for i in range(n)]
         return [b for b in ordered if self.state(b).can_try(now)]
 
-    def begin(self, backend: Backend) -> None:
+    def begin(self, backend: Backend) -> bool:
+        """Whether a request may go to ``backend`` now; the first after a cooldown takes the probe slot."""
         state = self.state(backend)
-        if not state.up:
-            state.probing = True
+        if state.up:
+            return True
+        now = self.clock()
+        if not state.can_try(now):  # another request took the probe while this one tried elsewhere
+            return False
+        state.probe_until = now + self.timeouts.connect + self.timeouts.first_byte
+        return True
+
+    def abandoned(self, backend: Backend) -> None:
+        """The request ended before the backend answered: nothing learnt; a probe frees its slot."""
+        self.state(backend).probe_until = 0.0
 
     def succeeded(self, backend: Backend) -> None:
         state = self.state(backend)
         if not state.up:
             log.warning("backend %s is back up", backend.label)
-        state.failures, state.up, state.probing = 0, True, False
+        state.failures = state.suspect = 0
+        state.accounts.clear()
+        state.up, state.probe_until = True, 0.0
 
-    def failed(self, backend: Backend, reason: str) -> None:
+    def failed(self, backend: Backend, reason: str, *, ambiguous: bool = False, account: int | None = None) -> None:
+        """Count a failure of ``backend``. An ``ambiguous`` one may be the request's own doing: it is
+        put down to ``account`` (None: a caller we cannot tell apart) and counts from two accounts on."""
         state = self.state(backend)
-        state.failures += 1
-        state.probing = False
-        if state.failures >= self.breaker.failures or not state.up:
-            if state.up:
-                log.warning("backend %s is down after %d failures (%s)", backend.label, state.failures, reason)
-            state.up = False
-            state.open_until = self.clock() + self.breaker.cooldown
+        state.probe_until = 0.0  # a probe ends here, whatever it found
+        if ambiguous:
+            state.suspect += 1
+            state.accounts.add(account)
+            if len(state.accounts) < 2:
+                return
+        else:
+            state.failures += 1
+        if state.up and state.counted() < self.breaker.failures:
+            return
+        if state.up:
+            log.warning("backend %s is down after %d failures (last: %s)", backend.label, state.counted(), reason)
+        state.up = False
+        state.open_until = self.clock() + self.breaker.cooldown
+
+    def unavailable(self, model: Model) -> BackendUnavailable:
+        """The 503 when no backend can serve: when one may be tried again, and whether to wait for it."""
+        now = self.clock()
+        wait = min(self.state(b).ready_in(now) for b in model.backends)
+        millis = math.ceil(wait * 1000) if wait > 0 else 1000  # failed just now: a second's pause
+        headers = {"Retry-After": str(-(-millis // 1000)), "retry-after-ms": str(millis)}
+        if wait <= SDK_PATIENCE:
+            return BackendUnavailable(f"Model backend for `{model.name}` is currently unavailable. Retry later.",
+                                      headers=headers)
+        headers["x-should-retry"] = "false"
+        return BackendUnavailable(f"Every backend of `{model.name}` is failing; the next one will be tried in "
+                                  f"{headers['Retry-After']} s.", headers=headers)
 
     def model_health(self, model: Model) -> dict[str, str]:
         return {b.label: "up" if self.state(b).up else "down" for b in model.backends}
@@ -207,30 +272,48 @@ class Dialer(Protocol):
     async def __call__(self, backend: Backend) -> Upstream: ...
 
 
-async def connect(pool: BackendPool, model: Model, dial: Dialer) -> tuple[Backend, Upstream]:
-    """Try the candidates in turn until one answers below 500; raise 503/504 when none can."""
-    timed_out = False
+async def connect(pool: BackendPool, model: Model, dial: Dialer, *,
+                  account: int | None = None) -> tuple[Backend, Upstream]:
+    """Try the candidates in turn until one answers below 500; 504 on a first-byte timeout, else 503.
+
+    ``account`` is the caller's: an ambiguous failure is put down to it (see the module docstring).
+    """
     for backend in pool.candidates(model):
-        pool.begin(backend)
-        try:
-            upstream = await dial(backend)
-        except TimeoutError:  # first: aiohttp's timeouts are also ClientConnectionErrors
-            pool.failed(backend, "timeout")
-            timed_out = True
-            continue
-        except (aiohttp.ClientError, ConnectionError) as exc:  # refused, reset, or not HTTP at all
-            pool.failed(backend, type(exc).__name__)
-            continue
-        if upstream.status >= 500:
-            pool.failed(backend, f"HTTP {upstream.status}")
-            upstream.close()
-            continue
-        pool.succeeded(backend)
-        return backend, upstream
-    if timed_out:
-        raise UpstreamTimeout(f"The backend for `{model.name}` did not answer in time.")
-    raise BackendUnavailable(f"Model backend for `{model.name}` is currently unavailable. Retry later.",
-                             headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
+        if pool.begin(backend):
+            upstream = await _attempt(pool, model, backend, dial, account)
+            if upstream is not None:
+                return backend, upstream
+    raise pool.unavailable(model)
+
+
+async def _attempt(pool: BackendPool, model: Model, backend: Backend, dial: Dialer,
+                   account: int | None) -> Upstream | None:
+    """The backend's answer, or None to try the next one. Every way out tells the pool (succeeded,
+    failed or abandoned), so no path leaves a probe out."""
+    try:
+        upstream = await dial(backend)
+    except aiohttp.ConnectionTimeoutError:  # first: also a TimeoutError. The backend could not be reached.
+        pool.failed(backend, "connect timeout")
+        return None
+    except TimeoutError as exc:  # no first byte in time: perhaps a long generation; never sent twice
+        pool.failed(backend, "first-byte timeout", ambiguous=True, account=account)
+        raise UpstreamTimeout(f"The backend for `{model.name}` did not answer in time.") from exc
+    except (aiohttp.ClientError, ConnectionError) as exc:  # refused, reset, or not HTTP at all
+        pool.failed(backend, type(exc).__name__)
+        return None
+    except (asyncio.CancelledError, LumenError):  # the client left, or its body cannot be sent: nothing learnt
+        pool.abandoned(backend)
+        raise
+    except Exception:  # a bug, perhaps set off by this request's body: like a 500 for it
+        pool.failed(backend, "unexpected error", ambiguous=True, account=account)
+        raise
+    if upstream.status >= 500:
+        upstream.close()
+        pool.failed(backend, f"HTTP {upstream.status}", ambiguous=upstream.status not in BACKEND_DOWN,
+                     account=account)
+        return None
+    pool.succeeded(backend)
+    return upstream
 
 
 async def check_backends(pool: BackendPool, client: HttpClient, config: Config) -> None:

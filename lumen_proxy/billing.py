@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from .config import MICRO, Model, Price
+from .config import MICRO, Price
 
 PER_MILLION = 1_000_000
-EMBEDDING_PATHS = ("/v1/embeddings",)
 
 
 def to_coins(micro: int) -> float:
@@ -28,31 +26,6 @@ def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
     """prompt × P / 1e6 + completion × C / 1e6, exact, rounded up to the micro-coin."""
     total = prompt_tokens * price.prompt + completion_tokens * price.completion
     return -(-total // PER_MILLION)
-
-
-def estimate_prompt_tokens(body_size: int) -> int:
-    """A cheap, deliberate over-estimate: 2 bytes of JSON per token.
-
-    English runs ~4 bytes per token, but short words ("a a a ...") reach 2, and a hold that
-    under-estimates lets concurrent requests overspend. Only the hold and the token window use it;
-    the bill uses the backend's real usage.
-    """
-    return body_size // 2 + 1
-
-
-def typical_prompt_tokens(body_size: int) -> int:
-    """What a backend that reports no usage is billed for the prompt: ~4 bytes of JSON per token."""
-    return body_size // 4 + 1
-
-
-def max_output_tokens(body: Mapping[str, Any], model: Model, path: str) -> int:
-    if path in EMBEDDING_PATHS:
-        return 0
-    for field in ("max_completion_tokens", "max_tokens"):
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return model.max_output_tokens
 
 
 @dataclass(slots=True)
@@ -107,3 +80,12 @@ class Wallets:
                 self.pending[account_id] = left
             else:
                 self.pending.pop(account_id, None)
+
+    def dropped(self, account_id: int, amount: int) -> None:
+        """The usage writer quarantined a row: its settled cost will never be debited, so it leaves
+        pending and the balance keeps it (the request is not billed)."""
+        left = self.pending.get(account_id, 0) - amount
+        if left:
+            self.pending[account_id] = left
+        else:
+            self.pending.pop(account_id, None)

@@ -3,6 +3,7 @@
 It answers in OpenAI's exact wire format (chat, completions, embeddings; streams with
 ``stream_options.include_usage``), so the whole proxy path (auth, limits, billing, SSE relay) is the
 same one real backends take. Replies repeat the last user message; token counts are word counts.
+Like a real server it stops at ``max_tokens`` (the relay always sets one) and answers ``n`` choices.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def _reply(body: dict[str, Any]) -> str:
     return f"Echo from Lumen's built-in model: {last}".strip()
 
 
+def _words(body: dict[str, Any]) -> list[str]:
+    """The reply's words (one token each), cut at the request's output cap."""
+    words = _reply(body).split(" ")
+    caps = [v for v in (body.get("max_completion_tokens"), body.get("max_tokens")) if isinstance(v, int)]
+    return words[:max(caps)] if caps else words
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 0 else 1
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -73,16 +86,20 @@ class EchoUpstream:
             data = [{"object": "embedding", "index": i, "embedding": _embed(str(x))} for i, x in enumerate(items)]
             return orjson.dumps({"object": "list", "data": data, "model": model,
                                  "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
-        text = _reply(self.body)
-        usage = _usage(prompt, len(text.split()))
+        words, n = _words(self.body), _choices(self.body)
+        text = " ".join(words)
+        finish = "stop" if len(words) == len(_reply(self.body).split(" ")) else "length"
+        usage = _usage(prompt, n * len(words))
         if self.path == "/completions":
-            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            choices: list[dict[str, Any]] = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                                             for i in range(n)]
             return orjson.dumps({"id": self.id.replace("chatcmpl", "cmpl"), "object": "text_completion",
-                                 "created": self.created, "model": model, "choices": [choice], "usage": usage})
+                                 "created": self.created, "model": model, "choices": choices, "usage": usage})
         message = {"role": "assistant", "content": text, "refusal": None}
         return orjson.dumps({
             "id": self.id, "object": "chat.completion", "created": self.created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+                        for i in range(n)],
             "usage": usage,
         })
 
@@ -92,23 +109,25 @@ class EchoUpstream:
             return
         options = self.body.get("stream_options")
         with_usage = isinstance(options, dict) and options.get("include_usage") is True
-        words = _reply(self.body).split(" ")
+        words, n = _words(self.body), _choices(self.body)
+        finish = "stop" if len(words) == len(_reply(self.body).split(" ")) else "length"
         chat = self.path == "/chat/completions"
         extra = {"usage": None} if with_usage else {}
         base = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": self.created, "model": self.body.get("model", "echo")}
         deltas: list[tuple[Any, Any]] = [({"role": "assistant", "content": ""}, None)] if chat else []
         deltas += [({"content": w if i == 0 else " " + w}, None) for i, w in enumerate(words)]
-        deltas.append(({}, "stop"))
-        for delta, finish in deltas:
+        deltas.append(({}, finish))
+        for delta, finish_reason in deltas:
             if self.closed:
                 return
-            choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish} if chat else
-                      {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish})
-            yield b"data: " + orjson.dumps({**base, "choices": [choice], **extra}) + b"\n\n"
+            choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason} if chat else
+                       {"index": i, "text": delta.get("content", ""), "logprobs": None,
+                        "finish_reason": finish_reason} for i in range(n)]
+            yield b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
             await asyncio.sleep(STREAM_DELAY)
         if with_usage:
-            usage = _usage(_prompt_tokens(self.body), len(words))
+            usage = _usage(_prompt_tokens(self.body), n * len(words))
             yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 

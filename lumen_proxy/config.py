@@ -52,6 +52,9 @@ class Backend:
     model: str
     api_key: str | None = None
     inject_stream_usage: bool = True
+    max_tokens_field: str = "max_tokens"
+    """Chat field Lumen sets when a request caps nothing: max_tokens is what vLLM, Ollama and llama.cpp honour;
+    OpenAI's reasoning models want max_completion_tokens."""
     label: str = field(init=False, compare=False)
     """Name used in logs, /healthz and /metrics: the URL without user, password or query."""
 
@@ -65,11 +68,31 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class PartTokens:
+    """Prompt tokens held at least for each media part of a request, whatever its size in bytes.
+
+    A 60-byte ``image_url`` costs 85-1,445 tokens at OpenAI and thousands on some vLLM models: the bytes of
+    the body cannot see that, so the hold counts each part at least this much (and bills what the
+    backend reports, up to twice the held prompt).
+    """
+
+    image: int = 765
+    audio: int = 100
+    video: int = 4000
+    file: int = 1000
+
+    def held_for(self, parts: Mapping[str, int]) -> int:
+        """Tokens held for ``parts`` (part counts by kind: "image", "audio", "video", "file")."""
+        return sum(int(getattr(self, kind)) * count for kind, count in parts.items())
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     name: str
     backends: tuple[Backend, ...]
     price: Price = Price()
     max_output_tokens: int = 4096
+    part_tokens: PartTokens = PartTokens()
     limits: LimitSpec | None = None
     owned_by: str = "lumen"
 
@@ -207,7 +230,7 @@ def _origins(r: _Reader, value: Any, path: str) -> tuple[str, ...]:
 
 
 def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
-    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage"})
+    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field"})
     if "url" not in data:
         raise r.fail(_join(path, "url"), "is required")
     url = r.string(data["url"], _join(path, "url")).rstrip("/")
@@ -218,11 +241,31 @@ def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
         model=r.optional(data, "model", path, r.string, public_name),
         api_key=r.optional(data, "api_key", path, r.string, None),
         inject_stream_usage=r.optional(data, "stream_usage", path, r.boolean, True),
+        max_tokens_field=r.optional(data, "max_tokens_field", path, lambda v, p: _choice(r, v, p, _OUTPUT_FIELDS),
+                                    "max_tokens"),
     )
 
 
+_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _choice(r: _Reader, value: Any, path: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise r.fail(path, f"must be one of {', '.join(choices)}, got {_kind(value)}")
+    return str(value)
+
+
+def _part_tokens(r: _Reader, value: Any, path: str) -> PartTokens:
+    data = r.mapping(value, path, {"image", "audio", "video", "file"})
+    count = lambda v, p: int(r.number(v, p, integer=True))  # noqa: E731
+    default = PartTokens()
+    return PartTokens(**{kind: r.optional(data, kind, path, count, getattr(default, kind))
+                         for kind in ("image", "audio", "video", "file")})
+
+
 def _model(r: _Reader, value: Any, path: str) -> Model:
-    data = r.mapping(value, path, {"name", "backends", "price", "max_output_tokens", "limits", "owned_by"})
+    data = r.mapping(value, path, {"name", "backends", "price", "max_output_tokens", "part_tokens", "limits",
+                                   "owned_by"})
     if "name" not in data:
         raise r.fail(_join(path, "name"), "is required")
     name = r.string(data["name"], _join(path, "name"))
@@ -243,6 +286,7 @@ def _model(r: _Reader, value: Any, path: str) -> Model:
         max_output_tokens=r.optional(
             data, "max_output_tokens", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), 4096
         ),
+        part_tokens=r.optional(data, "part_tokens", path, lambda v, p: _part_tokens(r, v, p), PartTokens()),
         limits=r.optional(data, "limits", path, lambda v, p: _limits(r, v, p), None),
         owned_by=r.optional(data, "owned_by", path, r.string, "lumen"),
     )

@@ -97,6 +97,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX usage_daily_account ON usage_daily(account_id, day);
         """,
     ),
+    (
+        "m006_usage_capped",
+        """
+        ALTER TABLE usage ADD COLUMN capped INTEGER NOT NULL DEFAULT 0;   -- reported usage cut to the request's bound
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

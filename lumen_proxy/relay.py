@@ -1,18 +1,21 @@
-"""The one generic relay for every model-carrying POST (chat, completions, embeddings).
+"""The one generic relay for every model-carrying POST; what differs per path is in :mod:`.endpoints`.
 
 Checks run in a fixed order so that each refusal reveals and costs as little as possible:
-authentication (401), body (400/413), model (404/403), rate limit (429), coins (402). Then the body
-goes upstream unchanged but for ``model`` (and ``stream_options`` when we ask for usage), and the
-answer comes back as the backend sent it: non-stream bodies verbatim, streams byte for byte through
-:class:`SseScanner`. Whatever happens after the hold, ``finally`` settles it and records a usage row,
-without awaiting, so even a handler cancelled by a disconnecting client bills and releases.
+authentication (401), body (400/413), model (404/403), rate limit (429), coins (402). The hold and the
+token admission are the request's worst case (:func:`.endpoints.worst_case`); the body goes upstream as
+the object Lumen checked, with ``model``, a missing output cap and ``stream_options`` set
+(:func:`.endpoints.upstream_body`), and the answer comes back as the backend sent it: non-stream bodies
+verbatim, streams byte for byte through :class:`SseScanner`. Whatever happens after the hold,
+``finally`` settles it and records a usage row, without awaiting, so even a handler cancelled by a
+disconnecting client bills and releases. What is billed is the backend's usage when it is valid, capped
+at the request's bound; else an estimate (row marked ``estimated``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +28,7 @@ from .auth import Principal, account_limits, require_model
 from .backends import Upstream, connect, upstream_headers
 from .builtin import EchoUpstream
 from .config import Backend, Model
+from .endpoints import ENDPOINTS, Endpoint, WorstCase, check_fields, upstream_body, worst_case
 from .errors import (
     REQUEST_ID,
     BadGateway,
@@ -40,7 +44,7 @@ from .runtime import RUNTIME, Runtime
 from .sse import SseScanner, StreamTooLarge
 from .store import UsageRow
 
-STREAMABLE = ("/chat/completions", "/completions")
+log = logging.getLogger("lumen_proxy")
 
 
 @dataclass(slots=True)
@@ -50,13 +54,14 @@ class Call:
     request_id: str
     principal: Principal
     model: str
-    endpoint: str
+    endpoint: Endpoint
     started: float = field(default_factory=time.perf_counter)
     wall: float = field(default_factory=time.time)
     status: int = 0
     backend: str | None = None
-    usage: dict[str, Any] | None = None
-    estimate: tuple[int, int] = (0, 0)
+    usage: Any = None  # the backend's "usage" object, as sent: validated when billed
+    worst: WorstCase | None = None
+    estimate: tuple[int, int] = (0, 0)  # billed only when no valid usage comes
     partial: bool = False
     upstream_at: float | None = None
     first_byte_at: float | None = None
@@ -102,25 +107,11 @@ def limit_subjects(rt: Runtime, principal: Principal, model: Model) -> list[tupl
     return subjects
 
 
-def upstream_body(raw: bytes, body: Mapping[str, Any], backend: Backend, path: str) -> tuple[bytes, bool]:
-    """The body for ``backend``, and whether we injected ``include_usage`` (and must drop its chunk)."""
-    inject = (backend.inject_stream_usage and body.get("stream") is True and path in STREAMABLE)
-    options = body.get("stream_options")
-    client_asked = isinstance(options, dict) and options.get("include_usage") is True
-    inject = inject and not client_asked
-    if backend.model == body["model"] and not inject:
-        return raw, False
-    changed = {**body, "model": backend.model}
-    if inject:
-        changed["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return orjson.dumps(changed), inject
-
-
 async def relay(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    principal = rt.view.authenticate(request.headers.get("Authorization"))
-    path = request.path[3:]  # "/v1/chat/completions" -> "/chat/completions"
-    call = Call(request[REQUEST_ID], principal, "", request.path)  # a row even for a bad body
+    principal = await rt.view.identify(request.headers.get("Authorization"))
+    endpoint = ENDPOINTS[request.path]
+    call = Call(request[REQUEST_ID], principal, "", endpoint)  # a row even for a bad body
     ticket: Ticket | None = None
     hold: billing.Hold | None = None
     model: Model | None = None
@@ -128,26 +119,26 @@ async def relay(request: web.Request) -> web.StreamResponse:
     try:
         raw, body = await read_json_body(request, rt.config.max_body_bytes)
         call.model = body["model"][:200]
+        check_fields(body, endpoint)
         if rt.config.log_prompts:
-            call.prompt = body.get("messages", body.get("prompt", body.get("input")))
+            call.prompt = body.get(endpoint.input_field)
         model = require_model(rt.config, principal.account, body["model"])
-        prompt_estimate = billing.estimate_prompt_tokens(len(raw))
-        completion_cap = billing.max_output_tokens(body, model, request.path)
-        admission = rt.limiter.admit(limit_subjects(rt, principal, model), prompt_estimate + completion_cap)
+        worst = call.worst = worst_case(body, len(raw), endpoint, model)
+        del raw  # only its size was needed
+        admission = rt.limiter.admit(limit_subjects(rt, principal, model), worst.tokens)
         if isinstance(admission, Refusal):
             rt.metrics.rate_limited(model.name, admission.limit)
             raise RateLimited(admission.message, headers=admission.headers())
         ticket = admission
-        hold = rt.wallets.place_hold(principal.account.id,
-                                     billing.cost(model.price, prompt_estimate, completion_cap))
+        hold = rt.wallets.place_hold(principal.account.id, billing.cost(model.price, worst.prompt, worst.completion))
         if hold is None:
             raise InsufficientQuota(
-                "You do not have enough coins for this request (its worst case: prompt plus max_tokens). "
-                "Ask your administrator to add coins, or lower max_tokens.",
+                "You do not have enough coins for this request (its worst case: prompt plus max_tokens for each "
+                "choice). Ask your administrator to add coins, or lower max_tokens.",
                 headers=ticket.headers(),
             )
-        call.estimate = (billing.typical_prompt_tokens(len(raw)), 0)  # billed only if no usage comes
-        return await forward(request, rt, call, model, raw, body, path, ticket)
+        call.estimate = (worst.typical_prompt, 0)
+        return await forward(request, rt, call, model, body, worst, ticket)
     except LumenError as exc:
         call.status = exc.status
         if ticket is not None:
@@ -167,7 +158,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
 def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | None,
            ticket: Ticket | None) -> None:
     """Settle the hold, reconcile the limiter and record the row. Never awaits."""
-    prompt, completion, estimated = tokens_of(call)
+    prompt, completion, estimated, capped = tokens_of(call)
     price_cost = billing.cost(model.price, prompt, completion) if model is not None else 0
     if hold is not None:
         rt.wallets.settle(hold, price_cost)
@@ -176,11 +167,15 @@ def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | No
     if ticket is not None:
         ticket.reconcile(prompt + completion)
         ticket.release()
+    if capped:
+        log.warning("request %s: the backend %s reported usage %s above what the request could produce; "
+                    "billed %d prompt + %d completion tokens", call.request_id, call.backend,
+                    _short(call.usage), prompt, completion)
     row = UsageRow(
         request_id=call.request_id, time=call.wall, account_id=call.principal.account.id,
-        key_id=call.principal.key_id, model=call.model, endpoint=call.endpoint, status=call.status,
+        key_id=call.principal.key_id, model=call.model, endpoint=call.endpoint.path, status=call.status,
         backend=call.backend, prompt_tokens=prompt, completion_tokens=completion, cost=price_cost,
-        estimated=estimated, partial=call.partial, duration_ms=call.ms_since_start(),
+        estimated=estimated, partial=call.partial, capped=capped, duration_ms=call.ms_since_start(),
         ttfb_ms=call.ms_since_start(call.first_byte_at) if call.first_byte_at else None,
         details=_details(call.usage),
     )
@@ -188,43 +183,57 @@ def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | No
     rt.metrics.request_done(row, call.principal.account.name)
 
 
-def tokens_of(call: Call) -> tuple[int, int, bool]:
-    """Real counts when the backend sent them; else the estimate, unless nothing was delivered."""
-    usage = call.usage
+def tokens_of(call: Call) -> tuple[int, int, bool, bool]:
+    """(prompt, completion, estimated, capped): valid usage capped at the request's bound, else an estimate.
+
+    The estimate is billed when output was delivered (a stream cut off after events went out, an
+    answer whose usage is missing or invalid) and when the client left after the backend started
+    working (like a cut-off stream); never when the request failed before any output.
+    """
+    if call.worst is None:
+        return 0, 0, False, False
+    max_prompt, max_completion = call.worst.bound()
+    usage = call.endpoint.usage(call.usage) if call.usage is not None else None
     if usage is not None:
-        prompt = _int(usage.get("prompt_tokens"))
-        completion = _int(usage.get("completion_tokens"))
-        return prompt, completion, False
+        prompt, completion = usage
+        return min(prompt, max_prompt), min(completion, max_completion), False, (
+            prompt > max_prompt or completion > max_completion)
+    client_left = call.status == 499 and call.upstream_at is not None
     cut_off = call.partial and call.estimate[1] > 0  # a stream that broke after events went out
-    if call.first_byte_at is None or (call.status >= 400 and not cut_off):
-        return 0, 0, False
-    return call.estimate[0], max(call.estimate[1], 1), True
+    if not client_left and (call.first_byte_at is None or (call.status >= 400 and not cut_off)):
+        return 0, 0, False, False
+    completion = max(call.estimate[1], 1) if call.endpoint.output_fields else 0
+    return min(call.estimate[0], max_prompt), min(completion, max_completion), True, False
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _short(value: Any) -> str:
+    """A backend's usage object for a log line: never long (it is the backend's text, not the client's)."""
+    text = orjson.dumps(value, default=str).decode() if value is not None else "null"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _details(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not usage:
+def _details(usage: Any) -> dict[str, Any] | None:
+    if not usage or not isinstance(usage, dict):
         return None
-    details = {k: v for k, v in usage.items() if k.endswith("_details") and v}
+    details = {k: v for k, v in usage.items() if k.endswith("_details") and isinstance(v, dict) and v}
     return details or None
 
 
-async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, raw: bytes,
-                  body: dict[str, Any], path: str, ticket: Ticket) -> web.StreamResponse:
+async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, body: dict[str, Any],
+                  worst: WorstCase, ticket: Ticket) -> web.StreamResponse:
     injected: dict[str, bool] = {}
+    endpoint = call.endpoint
 
     async def dial(backend: Backend) -> Upstream:
-        send, injected[backend.url] = upstream_body(raw, body, backend, path)
+        send, injected[backend.url] = upstream_body(body, endpoint, backend, worst)
         call.backend = backend.label
         call.upstream_at = time.perf_counter()
         if backend.is_builtin:
-            return EchoUpstream(path, orjson.loads(send))
-        return await rt.client.post(backend, path, send, upstream_headers(request.headers, backend))
+            return EchoUpstream(endpoint.upstream, send)
+        return await rt.client.post(backend, endpoint.upstream, _encode(send),
+                                    upstream_headers(request.headers, backend))
 
-    backend, upstream = await connect(rt.pool, model, dial)
+    backend, upstream = await connect(rt.pool, model, dial, account=call.principal.account.id)
     call.first_byte_at = time.perf_counter()
     headers = {"x-request-id": call.request_id, **ticket.headers()}
     try:
@@ -233,6 +242,13 @@ async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, r
         return await relay_whole(call, upstream, headers)
     finally:
         upstream.close()
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (254 levels): no backend needs that
+        raise BadRequest("The JSON body is nested too deeply.") from None
 
 
 async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str]) -> web.Response:
@@ -250,15 +266,15 @@ async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str]) -
     return web.Response(status=upstream.status, body=data, headers=headers)
 
 
-def _usage_of(data: bytes) -> dict[str, Any] | None:
+def _usage_of(data: bytes) -> Any:
+    """The ``usage`` value of a JSON answer, whatever its type (validated when billed), or None."""
     if b'"usage"' not in data:
         return None
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    usage = parsed.get("usage") if isinstance(parsed, dict) else None
-    return usage if isinstance(usage, dict) else None
+    return parsed.get("usage") if isinstance(parsed, dict) else None
 
 
 def _broken(exc: BaseException) -> LumenError:

@@ -3,7 +3,8 @@
 ``open_runtime`` is used as an aiohttp cleanup context: it takes the one-server-per-database lock,
 opens and migrates the store, loads the key/account view, and starts the background tasks (view
 refresh, usage writer, limiter sweep, active health checks). On the way out it stops them and
-flushes the usage log, so a graceful stop loses no row.
+flushes the usage log, so a graceful stop loses no row while the database can be written; the rows
+it could not write are counted in ``UsageLog.unwritten`` (the server then exits 1).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Runtime:
                         config.source)
         self.config = replace(config, database=old.database, host=old.host, port=old.port)
         self.pool.breaker = config.breaker
+        self.pool.timeouts = config.timeouts
         self.client.timeouts = config.timeouts
 
     def backend_states(self) -> dict[tuple[str, str], bool]:
@@ -125,6 +127,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
         writer_lock = asyncio.Lock()
         pool = BackendPool(clock=monotonic)
         pool.breaker = config.breaker
+        pool.timeouts = config.timeouts
         rt = Runtime(
             config=config, store=store, wallets=wallets,
             view=AccessView(store, wallets, writer_lock, clock=clock),

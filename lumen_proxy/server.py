@@ -2,6 +2,8 @@
 
 SIGTERM/SIGINT: stop accepting, let in-flight requests and streams finish for up to
 ``shutdown_grace`` seconds, cancel the rest (they are still billed), flush the usage log, exit 0.
+A stop that could not write every usage row (the database stayed locked or failing for
+``usagelog.CLOSE_WITHIN`` seconds) says how many were lost in an ERROR line and exits 1.
 SIGHUP: re-read the YAML; an invalid file is rejected with one log line and the old config stays.
 """
 
@@ -21,6 +23,7 @@ from .config import Config, ConfigError, load_config
 from .demo import bootstrap_demo
 from .runtime import RUNTIME, ServerLocked
 from .store import StoreError
+from .usagelog import UsageLog
 
 log = logging.getLogger("lumen_proxy")
 
@@ -82,7 +85,17 @@ async def run(config: Config, path: str | None) -> int:
     sdnotify.stopping("draining requests")
     log.warning("stopping: draining in-flight requests for up to %ss", config.shutdown_grace)
     await runner.cleanup()
-    log.warning("stopped; usage log flushed")
+    return report_stop(app[RUNTIME].usage)
+
+
+def report_stop(usage: UsageLog) -> int:
+    """The last line of a stop, and the exit code: 1 when usage rows were lost."""
+    aside = f"; {usage.quarantined} quarantined in {usage.quarantine}" if usage.quarantined else ""
+    if usage.unwritten:
+        log.error("stopped; %d usage rows could NOT be written and are lost (not billed; their JSON lines are "
+                  "on stdout)%s", usage.unwritten, aside)
+        return 1
+    log.warning("stopped; usage log flushed (%d rows%s)", usage.written, aside)
     return 0
 
 

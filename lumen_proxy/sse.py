@@ -1,7 +1,7 @@
 """Observe an SSE stream on its way through without rewriting it.
 
 Bytes are passed on up to the last complete event boundary, unchanged. Only events that carry a
-real ``"usage": {...}`` are parsed (to bill them); the usage-only chunk (``"choices": []``) is
+non-null ``"usage"`` are parsed (to bill them, once validated); the usage-only chunk (``"choices": []``) is
 dropped when the proxy asked for usage on the client's behalf. Everything else is never decoded, so
 tool-call argument deltas and vendor fields reach the client exactly as the backend sent them.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 MAX_PENDING = 4 * 1024 * 1024  # a single event larger than this is not SSE we can relay
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE = re.compile(rb'"usage"\s*:\s*(?!null\b)')  # any usage but OpenAI's per-chunk null: validated when billed
 _EVENT = re.compile(rb"(.*?)(\r\n\r\n|\n\n)", re.DOTALL)
 
 
@@ -44,7 +44,7 @@ class SseScanner:
 
     def __init__(self, *, drop_usage_chunk: bool) -> None:
         self.drop_usage_chunk = drop_usage_chunk
-        self.usage: dict[str, Any] | None = None
+        self.usage: Any = None  # the last non-null "usage" value, whatever its type
         self.events = 0
         self.done = False
         self._pending = bytearray()
@@ -84,7 +84,7 @@ class SseScanner:
     def _take_usage(self, event: bytes) -> bool:
         """Record the usage of ``event``; True if the event must be dropped."""
         data = _event_json(event)
-        if not isinstance(data, dict) or not isinstance(data.get("usage"), dict):
+        if not isinstance(data, dict) or data.get("usage") is None:
             return False
         self.usage = data["usage"]
         self.events -= 1

@@ -3,6 +3,10 @@
 Invariant kept by every write: for each account,
 ``sum(ledger.amount) - sum(usage.cost) == accounts.balance`` (all integers, micro-coins), because a
 ledger row and its balance change, or a batch of usage rows and their debits, share one transaction.
+A usage row fits the schema only if each of its INTEGER values is an int in 0..2**63-1
+(:func:`usage_row_problem` says why not), and a batch whose debits or daily totals would leave
+SQLite's 64-bit integers fails as a whole (a NOT NULL error, never a silent REAL): SQLite would
+otherwise turn an overflowing sum into an inexact float.
 """
 
 from __future__ import annotations
@@ -72,38 +76,73 @@ class UsageRow:
     cost: int = 0
     estimated: bool = False
     partial: bool = False
+    capped: bool = False  # the backend's reported usage was cut to the request's bound
     duration_ms: float = 0.0
     ttfb_ms: float | None = None
     details: dict[str, Any] | None = field(default=None)
+
+
+SQLITE_INT_MAX = 2**63 - 1
+_INT_FIELDS = (("prompt_tokens", SQLITE_INT_MAX), ("completion_tokens", SQLITE_INT_MAX), ("cost", SQLITE_INT_MAX),
+               ("status", 999), ("account_id", SQLITE_INT_MAX), ("key_id", SQLITE_INT_MAX))
+
+
+def usage_row_problem(row: UsageRow) -> str | None:
+    """Why ``row`` cannot go into the usage table (an INTEGER value that is not an int in range), or None."""
+    r, top = row, SQLITE_INT_MAX  # every request passes here: the common case 3x faster than the loop below
+    if (type(r.prompt_tokens) is int and type(r.completion_tokens) is int and type(r.cost) is int
+            and type(r.status) is int and type(r.account_id) is int and type(r.key_id) is int
+            and 0 <= r.prompt_tokens <= top and 0 <= r.completion_tokens <= top and 0 <= r.cost <= top
+            and 0 <= r.status <= 999 and 0 <= r.account_id <= top and 0 <= r.key_id <= top):
+        return None
+    for name, top in _INT_FIELDS:
+        value = getattr(row, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{name} is {type(value).__name__}, not an integer"
+        if not 0 <= value <= top:
+            return f"{name} = {value} is outside 0..{top}"
+    return None
 
 
 class UsageBatch:
     """Usage rows prepared one at a time as requests end, written together by ``Store.write_batch``.
 
     Preparing each row when its request ends spreads the work evenly; preparing a whole batch at
-    flush time stalled the event loop for milliseconds every flush (seen as a p99 spike).
+    flush time stalled the event loop for milliseconds every flush (seen as a p99 spike). The rows
+    themselves stay in ``usage`` so that a batch SQLite refuses can be split (:meth:`split`).
     """
 
-    __slots__ = ("rows", "debits", "daily", "last_used")
+    __slots__ = ("usage", "rows", "debits", "daily", "last_used")
 
-    def __init__(self) -> None:
+    def __init__(self, usage: Iterable[UsageRow] = ()) -> None:
+        self.usage: list[UsageRow] = []
         self.rows: list[tuple[Any, ...]] = []
         self.debits: dict[int, int] = {}
         self.daily: dict[tuple[str, int, str, int], list[int]] = {}
         self.last_used: dict[int, float] = {}
+        for row in usage:
+            self.add(row)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def split(self) -> tuple[UsageBatch, UsageBatch]:
+        """Two halves, in order (a batch of one row cannot be split)."""
+        middle = len(self.usage) // 2
+        return UsageBatch(self.usage[:middle]), UsageBatch(self.usage[middle:])
+
     def add(self, r: UsageRow) -> None:
-        self.rows.append((
+        """Prepare ``r``; if that raises (a value it cannot convert), the batch is left as it was."""
+        prepared = (
             r.request_id, r.time, r.account_id, r.key_id, r.model, r.backend, r.endpoint, r.status,
-            r.prompt_tokens, r.completion_tokens, r.cost, int(r.estimated), int(r.partial),
+            r.prompt_tokens, r.completion_tokens, r.cost, int(r.estimated), int(r.partial), int(r.capped),
             round(r.duration_ms, 3), None if r.ttfb_ms is None else round(r.ttfb_ms, 3),
             json.dumps(r.details) if r.details else None,
-        ))
-        self.debits[r.account_id] = self.debits.get(r.account_id, 0) + r.cost
+        )
         key = (utc_day(r.time), r.account_id, r.model, r.key_id)
+        self.usage.append(r)
+        self.rows.append(prepared)
+        self.debits[r.account_id] = self.debits.get(r.account_id, 0) + r.cost
         agg = self.daily.get(key)
         if agg is None:
             agg = self.daily[key] = [0, 0, 0, 0, 0]
@@ -114,6 +153,36 @@ class UsageBatch:
         agg[4] += r.cost
         if r.time > self.last_used.get(r.key_id, 0.0):
             self.last_used[r.key_id] = r.time
+
+
+def _exact(expression: str) -> str:
+    """``expression`` if SQLite computes it as an integer, else NULL: on overflow SQLite returns an
+    inexact REAL, and NULL in these NOT NULL columns makes the statement fail instead."""
+    return f"CASE WHEN typeof({expression}) = 'integer' THEN {expression} END"
+
+
+_INSERT_USAGE = (
+    "INSERT INTO usage (request_id, time, account_id, key_id, model, backend, endpoint, status, prompt_tokens,"
+    " completion_tokens, cost, estimated, partial, capped, duration_ms, ttfb_ms, details)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_DEBIT = f"UPDATE accounts SET balance = {_exact('balance - ?1')} WHERE id = ?2"
+_ADD_DAILY = (
+    "INSERT INTO usage_daily (day, account_id, model, key_id, requests, errors, prompt_tokens, completion_tokens,"
+    " cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, account_id, model, key_id) DO UPDATE SET "
+    + ", ".join(f"{c} = {_exact(f'{c} + excluded.{c}')}"
+                for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost"))
+)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when writing a batch failed because of a value in it (the same rows fail again however
+    often they are retried); False for the database's own state (OperationalError: locked, disk full,
+    I/O, read-only) and for a closed connection (aiosqlite's plain ValueError), worth retrying later."""
+    if isinstance(exc, sqlite3.ProgrammingError):  # also "closed database": only a bad binding is data
+        return str(exc).startswith("Error binding parameter")
+    return isinstance(exc, sqlite3.IntegrityError | sqlite3.InterfaceError | sqlite3.DataError
+                      | OverflowError | UnicodeError | TypeError)
 
 
 _ACCOUNT_COLS = "id, name, models, enabled, created_at, balance, rpm, tpm, concurrency"
@@ -194,14 +263,15 @@ async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> 
 class Store:
     """Typed operations over one aiosqlite connection (aiosqlite serialises them on its thread)."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path | None = None) -> None:
         self.conn = conn
+        self.path = path  # the database file, when opened from one
         # aiosqlite orders statements, not transactions: two BEGINs on one connection must queue.
         self._tx_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
-        return cls(await open_db(path))
+        return cls(await open_db(path), path)
 
     async def close(self) -> None:
         await self.conn.close()
@@ -354,33 +424,19 @@ class Store:
 
         Returns the micro-coins debited per account, so the in-memory wallets can follow.
         """
-        batch = UsageBatch()
-        for row in rows:
-            batch.add(row)
-        return await self.write_batch(batch)
+        return await self.write_batch(UsageBatch(rows))
+
+    async def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another connection's lock before failing with "database is locked"."""
+        await self.conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
 
     async def write_batch(self, batch: UsageBatch) -> dict[int, int]:
+        """Raises what SQLite raises; a data error (:func:`is_data_error`) means some row cannot be stored."""
         async with self.transaction():  # a cancel while BEGIN is queued still rolls back
+            await self.conn.executemany(_INSERT_USAGE, batch.rows)
             await self.conn.executemany(
-                "INSERT INTO usage (request_id, time, account_id, key_id, model, backend, endpoint, status,"
-                " prompt_tokens, completion_tokens, cost, estimated, partial, duration_ms, ttfb_ms, details)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                batch.rows,
-            )
-            await self.conn.executemany(
-                "UPDATE accounts SET balance = balance - ? WHERE id = ?",
-                [(cost, account_id) for account_id, cost in batch.debits.items() if cost],
-            )
-            await self.conn.executemany(
-                "INSERT INTO usage_daily (day, account_id, model, key_id, requests, errors, prompt_tokens,"
-                " completion_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (day, account_id, model, key_id) DO UPDATE SET"
-                " requests = requests + excluded.requests, errors = errors + excluded.errors,"
-                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = completion_tokens + excluded.completion_tokens,"
-                " cost = cost + excluded.cost",
-                [(*k, *v) for k, v in batch.daily.items()],
-            )
+                _DEBIT, [(cost, account_id) for account_id, cost in batch.debits.items() if cost])
+            await self.conn.executemany(_ADD_DAILY, [(*k, *v) for k, v in batch.daily.items()])
             await self.conn.executemany(
                 "UPDATE keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
                 [(t, key_id) for key_id, t in batch.last_used.items()],

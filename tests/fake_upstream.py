@@ -21,6 +21,7 @@ import asyncio
 import base64
 import hashlib
 import itertools
+import json
 import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -148,6 +149,14 @@ class UpstreamState:
 UPSTREAM_STATE = web.AppKey("upstream_state", UpstreamState)
 
 
+def dumps(value: Any) -> bytes:
+    """JSON as a backend writes it; integers beyond 64 bits too (a lying backend's usage)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
 # ---- deterministic content and token counts (public: tests compute expected values with them) ----
 
 
@@ -160,9 +169,15 @@ def text_of(content: Any) -> str:
     return ""
 
 
+IMAGE_TOKENS = 765  # what OpenAI bills a 1024x1024 image_url part at high detail, however short its URL
+
+
 def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Whitespace words of every message plus 3 per message (OpenAI's per-message overhead)."""
-    return sum(len(text_of(m.get("content")).split()) for m in messages) + 3 * len(messages)
+    """Whitespace words of every message plus 3 per message (OpenAI's per-message overhead), plus
+    IMAGE_TOKENS per image_url part."""
+    images = sum(1 for m in messages if isinstance(m.get("content"), list)
+                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+    return sum(len(text_of(m.get("content")).split()) for m in messages) + 3 * len(messages) + IMAGE_TOKENS * images
 
 
 def chat_reply(name: str, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -294,7 +309,7 @@ def _old_vllm_stream_options_error(body: JSON) -> web.Response:
     else:
         message = "Stream options can only be defined when `stream=True`."
     payload = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
-    return web.Response(status=400, body=orjson.dumps(payload), content_type="application/json")
+    return web.Response(status=400, body=dumps(payload), content_type="application/json")
 
 
 def error_response(
@@ -302,7 +317,7 @@ def error_response(
 ) -> web.Response:
     """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}}."""
     payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+    return web.Response(status=status, body=dumps(payload), content_type="application/json")
 
 
 def _context_length_error(limit: int, prompt_tokens: int, param: str) -> web.Response:
@@ -324,7 +339,7 @@ def _model_object(model_id: str, owner: str) -> JSON:
 async def _list_models(request: web.Request) -> web.Response:
     state = request.app[UPSTREAM_STATE]
     data = [_model_object(m, state.name) for m in state.models]
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+    return web.Response(body=dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def _get_model(request: web.Request) -> web.Response:
@@ -333,7 +348,7 @@ async def _get_model(request: web.Request) -> web.Response:
     if model_id not in state.models:
         message = f"The model `{model_id}` does not exist or you do not have access to it."
         return error_response(404, message, "invalid_request_error", code="model_not_found")
-    return web.Response(body=orjson.dumps(_model_object(model_id, state.name)), content_type="application/json")
+    return web.Response(body=dumps(_model_object(model_id, state.name)), content_type="application/json")
 
 
 # ---- usage ----
@@ -413,7 +428,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     payload = {**base, "choices": choices, "system_fingerprint": "fp_fake"}
     if not behavior.omit_usage:
         payload["usage"] = _reported(behavior, usage)
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+    return web.Response(body=dumps(payload), content_type="application/json")
 
 
 def _n(body: JSON) -> int:
@@ -498,11 +513,11 @@ async def _write_stream(
                 "param": None,
                 "code": None,
             }
-            await send(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+            await send(b"data: " + dumps({"error": error}) + b"\n\n")
             break
         if behavior.keep_alive:
             await send(b": keep-alive\n\n")
-        await send(b"data: " + orjson.dumps(event) + b"\n\n")
+        await send(b"data: " + dumps(event) + b"\n\n")
     await send(b"data: [DONE]\n\n")
     await response.write_eof()
     record.finished = True
@@ -569,7 +584,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     payload = {**base, "choices": whole}
     if not behavior.omit_usage:
         payload["usage"] = _reported(behavior, usage)
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+    return web.Response(body=dumps(payload), content_type="application/json")
 
 
 # ---- embeddings ----
@@ -608,7 +623,7 @@ async def _embeddings(request: web.Request) -> web.Response:
         "model": body["model"],
         "usage": _reported(request.app[UPSTREAM_STATE].behavior, {"prompt_tokens": tokens, "total_tokens": tokens}),
     }
-    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+    return web.Response(body=dumps(payload), content_type="application/json")
 
 
 # ---- serving on a real port ----

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -251,3 +252,42 @@ async def test_storage_failure_is_503_with_retry_after_never_401(
         assert int(caught.value.response.headers["Retry-After"]) > 0
     monkeypatch.undo()
     assert await seconds_until(lambda: is_accepted(good)) < 1.0
+
+
+async def test_a_key_works_the_moment_keys_create_returns(
+        proxy: Proxy, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script that creates a key and calls the API at once: before, 401 for up to ~0.3 s."""
+    await proxy.account("alice")
+    for task in proxy.rt.tasks:  # no help from the poll: only the look on a miss may find the key
+        if task.get_coro().__qualname__ == "AccessView.run":  # type: ignore[union-attr]
+            task.cancel()
+    monkeypatch.setattr(auth, "STALE_AFTER", 60.0)
+    for _ in range(4):
+        key = (await admin(config_file, "keys", "create", "alice")).strip()
+        models = await proxy.sdk(key).models.list()
+        assert [m.id async for m in models]
+
+
+async def test_a_flood_of_unknown_keys_looks_at_the_database_a_bounded_number_of_times(
+        proxy: Proxy, alice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    looks = 0
+    real = proxy.rt.store.data_version
+
+    async def counted() -> int:
+        nonlocal looks
+        looks += 1
+        return await real()
+
+    monkeypatch.setattr(proxy.rt.store, "data_version", counted)
+    async def call(session: aiohttp.ClientSession) -> int:
+        async with session.get(proxy.base_url + "/models", headers={"Authorization": f"Bearer {random_key()}"}) as r:
+            return r.status
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(*(call(session) for _ in range(300)))
+    elapsed = time.monotonic() - started
+    assert set(statuses) == {401}
+    # One look per MISS_SPACING at most, plus the background poll's own.
+    assert looks <= elapsed / auth.MISS_SPACING + elapsed / auth.POLL + 2
+    assert await chat(proxy.sdk(alice))  # and a real key is served meanwhile

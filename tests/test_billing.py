@@ -283,13 +283,18 @@ async def test_backend_dying_mid_stream_is_billed_and_releases_its_hold(
     assert balance(proxy, "alice") == 1000 * MICRO - row["cost"]
 
 
-async def test_client_leaving_before_the_first_byte_releases_its_hold(
-        proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
-    upstream.state.behavior.first_byte_delay = 1.0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
-        with pytest.raises(TimeoutError):
-            await session.post(proxy.base_url + "/chat/completions", headers=auth(alice),
-                               json={"model": "gpt-4o", "messages": TEN_WORDS, "stream": True})
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_leaving_before_the_first_byte_is_billed_like_a_cut_off_stream(
+        proxy: Proxy, alice: str, upstream: UpstreamServer, stream: bool) -> None:
+    """The backend had the prompt and was generating: the prompt estimate and one token, never 0."""
+    upstream.state.behavior.gate = asyncio.Event()  # the backend never answers
+    body = json.dumps({"model": "gpt-4o", "messages": TEN_WORDS, "stream": stream}).encode()
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(session.post(proxy.base_url + "/chat/completions", data=body,
+                                                     headers={**auth(alice), "Content-Type": "application/json"}))
+        assert await eventually(lambda: _true(len(upstream.state.requests) == 1))
+        pending.cancel()  # the client goes away while the backend works
+    await asyncio.wait_for(upstream.state.disconnected.wait(), 5)  # and the backend is told to stop
     database = proxy.rt.config.database
 
     async def logged() -> bool:
@@ -297,10 +302,27 @@ async def test_client_leaving_before_the_first_byte_releases_its_hold(
         return bool(query(database, "SELECT 1 FROM usage"))
 
     assert await eventually(logged)
-    [row] = query(database, "SELECT status, partial, cost FROM usage")
-    assert tuple(row) == (499, 1, 0)  # nothing was delivered, so nothing is billed
+    [row] = query(database, "SELECT status, partial, estimated, prompt_tokens, completion_tokens, cost FROM usage")
+    prompt = len(body) // 4 + 1  # the typical estimate: ~4 bytes of JSON per token
+    assert tuple(row) == (499, 1, 1, prompt, 1, price_formula("gpt-4o", prompt, 1))
     assert proxy.rt.wallets.held == {}
-    assert balance(proxy, "alice") == 1000 * MICRO
+    assert balance(proxy, "alice") == 1000 * MICRO - row["cost"]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_client_leaving_before_reaching_a_backend_costs_nothing(proxy: Proxy, upstream: UpstreamServer) -> None:
+    """A request refused before any backend worked on it is never billed (here: its hold did not fit)."""
+    await proxy.account("poor", coins=0.001)
+    key = await proxy.key("poor")
+    with pytest.raises(openai.APIStatusError) as refused:
+        await proxy.sdk(key).chat.completions.create(model="gpt-4o", messages=TEN_WORDS)
+    assert refused.value.status_code == 402
+    await proxy.flush()
+    assert [tuple(r) for r in query(proxy.rt.config.database, "SELECT status, cost FROM usage")] == [(402, 0)]
+    assert upstream.state.requests == []
 
 
 # -- the ledger -------------------------------------------------------------------------------------------------

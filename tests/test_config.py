@@ -355,5 +355,5 @@ def test_check_validates_the_config_without_starting(tmp_path: Path) -> None:
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         f"lumen-proxy: {bad}: models[0].backend: unknown key (allowed here: backends, limits, max_output_tokens, "
-        "name, owned_by, price)"
+        "name, owned_by, part_tokens, price)"
     ]

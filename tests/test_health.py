@@ -66,7 +66,7 @@ async def test_failing_requests_open_the_breaker_and_healthz_turns_503_then_reco
     proxy = await make_proxy(build_config(tmp_path, data), monotonic=clock)
     await proxy.account("alice")
     sdk = proxy.sdk(await proxy.key("alice"))
-    upstream.state.behavior.fail_status = 500
+    upstream.state.behavior.fail_status = 503  # the backend itself says it is broken
     for _ in range(3):
         with pytest.raises(openai.InternalServerError):
             await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)

@@ -94,7 +94,7 @@ async def test_metrics_count_requests_latency_tokens_coins_backends_and_refusals
 
 async def test_backend_up_turns_0_when_its_breaker_opens(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:
     sdk = proxy.sdk(alice)
-    upstream.state.behavior.fail_status = 500
+    upstream.state.behavior.fail_status = 503  # the backend itself says it is broken
     for _ in range(3):
         with pytest.raises(openai.InternalServerError):
             await sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)

@@ -26,8 +26,8 @@ COLUMNS = {
              "revoked_at"},
     "ledger": {"id", "account_id", "time", "amount", "note"},
     "usage": {"id", "request_id", "time", "account_id", "key_id", "model", "backend", "endpoint", "status",
-              "prompt_tokens", "completion_tokens", "cost", "estimated", "partial", "duration_ms", "ttfb_ms",
-              "details"},
+              "prompt_tokens", "completion_tokens", "cost", "estimated", "partial", "capped", "duration_ms",
+              "ttfb_ms", "details"},
     "usage_daily": {"day", "account_id", "model", "key_id", "requests", "errors", "prompt_tokens",
                     "completion_tokens", "cost"},
 }
@@ -109,6 +109,21 @@ async def test_older_database_is_upgraded_with_its_data(tmp_path: Path, version:
     assert schema(path) == COLUMNS
     assert (account.models, account.enabled, account.balance) == (("echo",), True, 7000000 if version >= 2 else 0)
     assert (found.account_id, found.label) == (account.id, "kept")
+
+
+async def test_usage_rows_written_before_m006_read_as_not_capped(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old_database(path, 5, new_key())
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO usage (request_id, time, account_id, key_id, model, status, prompt_tokens)"
+                     " VALUES ('req_before', 1, 1, 1, 'echo', 200, 7)")
+    store = await Store.open(path)
+    try:
+        [row] = await store.usage_rows("req_before")
+    finally:
+        await store.close()
+    assert (row["prompt_tokens"], row["capped"]) == (7, 0)
+    assert MIGRATIONS[5][0] == "m006_usage_capped"
 
 
 async def test_upgraded_database_serves_its_old_key(

@@ -62,7 +62,8 @@ async def test_stream_bytes_are_exactly_what_the_backend_sent_when_the_client_as
     assert received == bytes(upstream.state.last.sent)
     assert received.endswith(b"data: [DONE]\n\n")
     assert sum(is_usage_only(e) for e in events_of(received)) == 1
-    assert upstream.state.last.body == {**body, "model": "fake-model"}
+    # Only the model name and the missing output cap (the model's max_output_tokens) changed on the way.
+    assert upstream.state.last.body == {**body, "model": "fake-model", "max_tokens": 1000}
 
 
 async def test_without_include_usage_only_the_usage_chunk_is_dropped(

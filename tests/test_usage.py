@@ -33,6 +33,7 @@ from tests.conftest import (
     build_config,
     cli,
     config_dict,
+    eventually,
     query,
     write_config,
 )
@@ -45,6 +46,11 @@ GROUP = {"day": "date(time, 'unixepoch')", "model": "model", "key": "key_id", "a
 
 def rows_of(proxy: Proxy, request_id: str) -> list[sqlite3.Row]:
     return query(proxy.rt.config.database, "SELECT * FROM usage WHERE request_id = ?", request_id)
+
+
+def quarantined(database: Path) -> list[dict[str, Any]]:
+    """The rows the usage writer set aside, from ``<database>.quarantine.jsonl``."""
+    return [json.loads(line) for line in Path(f"{database}.quarantine.jsonl").read_text().splitlines()]
 
 
 def expected_report(database: Path, by: str, account: str | None = None, since: str = "0000",
@@ -203,6 +209,38 @@ async def test_graceful_stop_loses_no_row(
     assert await asyncio.to_thread(server.process.wait, 15) == 0
     rows = query(tmp_path / "lumen.db", "SELECT status, partial FROM usage")
     assert [tuple(r) for r in rows] == [(200, 0)] * 13
+    assert "stopped; usage log flushed (13 rows)" in server.stderr_text()
+
+
+@pytest.mark.filterwarnings(LOG_FILES_LEFT_OPEN)
+async def test_a_stop_that_cannot_write_the_usage_log_says_so_and_exits_1(
+        serve_config: Path, lumen_process: Callable[..., LumenProcess]) -> None:
+    """The database stays locked (another connection holds its write lock) from before the requests
+    until after the stop: the rows cannot be written, and the stop must not claim they were."""
+    assert cli("accounts", "add", "alice", "--coins", "10", config=serve_config).returncode == 0
+    key = cli("keys", "create", "alice", config=serve_config).stdout.strip()
+    server = await asyncio.to_thread(lumen_process, serve_config)
+    database = serve_config.parent / "lumen.db"
+    locker = sqlite3.connect(database, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # refuses other writers even to root, unlike chmod
+    try:
+        async with openai.AsyncOpenAI(api_key=key, base_url=server.base_url, max_retries=0) as client:
+            ids = [(await client.chat.completions.with_raw_response.create(model="echo", messages=HELLO)).request_id
+                   for _ in range(3)]
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.process.wait, 15) == 1
+        assert time.monotonic() - signalled < 8  # the busy timeout (5 s) and the stop's bound (5 s) overlap
+    finally:
+        locker.rollback()
+        locker.close()
+    log = server.stderr_text()
+    assert "ERROR: stopped; 3 usage rows could NOT be written and are lost" in log
+    assert "usage log flushed" not in log
+    assert query(database, "SELECT request_id FROM usage") == []
+    logged = [json.loads(line)["request_id"] for line in server.log_path.with_suffix(".out").read_text().splitlines()
+              if line.startswith("{")]
+    assert logged == ids  # "their JSON lines are on stdout"
 
 
 async def test_a_hard_kill_loses_only_requests_that_ended_in_the_last_batch_window(
@@ -320,6 +358,33 @@ async def test_usage_endpoint_rejects_a_bad_date_and_defaults_to_all_time(proxy:
             body = await resp.json()
     assert body["since"] is None
     assert [(r["model"], r["requests"]) for r in body["data"]] == [("gpt-4o", 1)]
+
+
+async def test_a_row_of_2_63_tokens_no_longer_stops_the_usage_log(proxy: Proxy, alice: str) -> None:
+    """The bug: one such row failed every later commit, for every account. Now it is quarantined and the
+    writer's own loop keeps committing the others within its interval."""
+    bob = proxy.sdk(await proxy.account("bob") and await proxy.key("bob"))
+    principal = proxy.rt.view.authenticate(f"Bearer {alice}")
+    proxy.rt.usage.record(UsageRow(request_id="req_huge", time=time.time(), account_id=principal.account.id,
+                                   key_id=principal.key_id, model="gpt-4o", endpoint="/v1/chat/completions",
+                                   status=200, prompt_tokens=2**63), "alice")
+    ids = set()
+    for client in (proxy.sdk(alice), bob, proxy.sdk(alice)):
+        ids.add((await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)).request_id)
+    database = proxy.rt.config.database
+
+    async def all_committed() -> bool:
+        return {r["request_id"] for r in query(database, "SELECT request_id FROM usage")} == ids
+
+    assert await eventually(all_committed, within=1)
+    assert proxy.rt.usage.failures == 0
+    [entry] = quarantined(database)
+    assert (entry["row"]["request_id"], entry["row"]["prompt_tokens"]) == ("req_huge", 2**63)
+    mismatched = query(database, """
+        SELECT a.name FROM accounts a WHERE a.balance !=
+          (SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = a.id)
+          - (SELECT coalesce(sum(cost), 0) FROM usage WHERE account_id = a.id)""")
+    assert mismatched == []
 
 
 async def test_a_failed_usage_commit_keeps_its_rows_and_retries(
