@@ -7,6 +7,7 @@ side by side.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
@@ -52,13 +53,15 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 when every model has at least one backend up; the per-model detail either way."""
+    """200 when every model has at least one backend up, the database can be read and usage rows
+    written; the per-model and usage log detail either way."""
     rt = request.app[RUNTIME]
     models = {m.name: {"up": rt.pool.is_model_up(m), "backends": rt.pool.model_health(m)}
               for m in rt.config.models}
-    ok = all(m["up"] for m in models.values()) and not rt.view.is_stale()
+    usage_log = rt.usage.health()
+    ok = all(m["up"] for m in models.values()) and not rt.view.is_stale() and usage_log["ok"]
     body = {"status": "ok" if ok else "degraded", "version": __version__, "database": not rt.view.is_stale(),
-            "models": models}
+            "usage_log": usage_log, "models": models}
     return _json(body, status=200 if ok else 503)
 
 
@@ -72,7 +75,8 @@ def _is_loopback(request: web.Request) -> bool:
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     token = rt.config.admin_token
-    authorized = token is not None and request.headers.get("Authorization") == f"Bearer {token}"
+    offered = request.headers.get("Authorization", "").encode()
+    authorized = token is not None and hmac.compare_digest(offered, f"Bearer {token}".encode())  # no timing oracle
     if not authorized and not _is_loopback(request):
         raise NotFound("Unknown path /metrics.")  # do not advertise it to the outside
     body = rt.metrics.render(rt.backend_states)

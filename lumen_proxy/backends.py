@@ -30,11 +30,14 @@ import itertools
 import logging
 import math
 import time
+import warnings
+import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
+from aiohttp import payload
 from multidict import CIMultiDict
 
 from .config import Backend, Breaker, Config, Model, Timeouts
@@ -54,32 +57,84 @@ class Upstream(Protocol):
     content_type: str
     retry_headers: dict[str, str]  # a backend's own Retry-After on its 429, passed on to the client
 
-    async def read(self) -> bytes: ...
+    async def read(self, limit: int) -> bytes: ...
     def chunks(self) -> AsyncIterator[bytes]: ...
     def close(self) -> None: ...
 
 
+class BadAnswer(Exception):
+    """The backend's answer cannot be relayed: too large, or in an encoding we cannot decode."""
+
+
 _RETRY_HEADERS = ("Retry-After", "retry-after-ms")
+_DECODED = 1024 * 1024  # decompress at most this much per step, so a small bomb cannot allocate a large one
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 class HttpUpstream:
+    """An aiohttp response, decoded if the backend compressed it although we asked it not to."""
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/json")
         self.retry_headers = {name: response.headers[name] for name in _RETRY_HEADERS
                               if name in response.headers} if response.status == 429 else {}
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        self.wbits = None if encoding in ("", "identity") else _WBITS.get(encoding, -1)
 
-    async def read(self) -> bytes:
-        return await self.response.read()
+    def _decoder(self) -> Any:
+        if self.wbits == -1:
+            raise BadAnswer(f"the backend answered in {self.response.headers['Content-Encoding']!r}, "
+                            "an encoding Lumen cannot decode (it asks for identity)")
+        return zlib.decompressobj(self.wbits) if self.wbits is not None else None
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body (decoded), or BadAnswer when it is over ``limit`` bytes."""
+        decoder = self._decoder()
+        length = self.response.content_length
+        if decoder is None and length is not None and length > limit:
+            raise BadAnswer(f"the answer is {length} bytes, over the limit of {limit}")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.response.content.iter_any():
+            for piece in _decode(decoder, chunk):
+                size += len(piece)
+                if size > limit:
+                    raise BadAnswer(f"the answer is over the limit of {limit} bytes")
+                parts.append(piece)
+        if decoder is not None and not decoder.eof:
+            raise BadAnswer("the compressed answer is truncated")
+        return b"".join(parts)
 
     def chunks(self) -> AsyncIterator[bytes]:
-        return self.response.content.iter_any().__aiter__()  # no generator of our own per chunk
+        if self.wbits is None:
+            return self.response.content.iter_any().__aiter__()  # no generator of our own per chunk
+        return self._decoded_chunks()
+
+    async def _decoded_chunks(self) -> AsyncIterator[bytes]:
+        decoder = self._decoder()
+        async for chunk in self.response.content.iter_any():
+            for piece in _decode(decoder, chunk):
+                yield piece
 
     def close(self) -> None:
         """Closing (not releasing) drops the connection, which tells the backend to stop generating."""
         if not self.response.closed:
             self.response.close()
+
+
+def _decode(decoder: Any, chunk: bytes) -> list[bytes]:
+    """``chunk`` decompressed a bounded step at a time (or as is, without a decoder)."""
+    if decoder is None:
+        return [chunk]
+    try:
+        pieces = [decoder.decompress(chunk, _DECODED)]
+        while decoder.unconsumed_tail:
+            pieces.append(decoder.decompress(decoder.unconsumed_tail, _DECODED))
+    except zlib.error as exc:
+        raise BadAnswer(f"the compressed answer is corrupt: {exc}") from None
+    return [p for p in pieces if p]
 
 
 @dataclass(slots=True)
@@ -196,31 +251,41 @@ class BackendPool:
         return any(self.state(b).up for b in model.backends)
 
 
-_NOT_FORWARDED = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
-    "upgrade", "host", "content-length", "authorization", "cookie", "accept-encoding", "content-type",
-    "expect", "proxy-connection",  # Expect was for us (curl sends it for large bodies); we have the body
-})
+_FORWARDED = ("Accept",)
+"""Client headers a backend may see. Everything else (the client's credentials, cookies, SDK telemetry,
+``OpenAI-Organization`` / ``OpenAI-Project``, which would let a client choose whom OpenAI bills, and
+``Content-Encoding``, which no longer describes the body we send) stays here."""
 
 
-def upstream_headers(incoming: Mapping[str, str], backend: Backend) -> CIMultiDict[str]:
-    """Forward the client's end-to-end headers, minus its credentials; add the backend's key.
+def upstream_headers(incoming: Mapping[str, str], backend: Backend, request_id: str = "") -> CIMultiDict[str]:
+    """The headers Lumen means to send: an allow list of the client's, then the backend's own.
 
-    Headers the client's ``Connection`` names are hop-by-hop too (RFC 9110 7.6.1). We ask for an
-    uncompressed answer: bodies are relayed as bytes, without the backend's Content-Encoding.
+    We ask for an uncompressed answer (bodies are relayed as bytes); the backend's ``api_key`` and its
+    configured ``headers`` (organisation, project, a custom gateway's) come from the config only.
     """
-    connection = incoming.get("Connection")
-    named = {n.strip().lower() for n in connection.split(",")} if connection else set()
     headers: CIMultiDict[str] = CIMultiDict()
-    for key, value in incoming.items():
-        lower = key.lower()
-        if lower not in _NOT_FORWARDED and lower not in named and not lower.startswith("x-forwarded"):
-            headers.add(key, value)
+    for name in _FORWARDED:
+        value = incoming.get(name)
+        if value is not None:
+            headers[name] = value
     headers["Content-Type"] = "application/json"
     headers["Accept-Encoding"] = "identity"
+    if request_id:
+        headers["X-Request-ID"] = request_id  # the backend's logs can then be matched with ours
     if backend.api_key:
         headers["Authorization"] = f"Bearer {backend.api_key}"
+    headers.update(backend.headers)
     return headers
+
+
+def _payload(body: bytes) -> bytes | payload.BytesPayload:
+    """The body as aiohttp sends it. Over 1 MiB aiohttp warns that raw bytes "might lock the event loop";
+    they do not (the transport buffers one write), and its advice, BytesIO, costs an executor hop per 64 KiB."""
+    if len(body) <= payload.TOO_LARGE_BYTES_BODY:
+        return body
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return payload.BytesPayload(body, content_type="application/json")
 
 
 class HttpClient:
@@ -249,8 +314,8 @@ class HttpClient:
                                               sock_read=timeouts.first_byte)
 
     async def post(self, backend: Backend, path: str, body: bytes, headers: CIMultiDict[str]) -> HttpUpstream:
-        response = await self.session.post(backend.url + path, data=body, headers=headers, timeout=self._timeout,
-                                           allow_redirects=False)
+        response = await self.session.post(backend.url + path, data=_payload(body), headers=headers,
+                                           timeout=self._timeout, allow_redirects=False)
         return HttpUpstream(response)
 
     async def probe(self, backend: Backend) -> bool:

@@ -77,7 +77,7 @@ class EchoUpstream:
         self.created = int(time.time())
         self.closed = False
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int = 0) -> bytes:
         prompt = _prompt_tokens(self.body)
         model = self.body.get("model", "echo")
         if self.path == "/embeddings":

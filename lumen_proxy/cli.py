@@ -3,7 +3,9 @@
 Each subcommand is a few lines over the functions that own the work. Bad input prints one line on
 stderr and exits non-zero (2 for usage/config errors, 1 for a refused operation), changing nothing.
 Admin commands work while the server runs: SQLite WAL lets them write beside it, and the server
-picks their changes up within a second.
+picks their changes up within a second. A database another connection keeps locked makes a command
+wait ``store.BUSY_TIMEOUT`` seconds at most, then print one line and exit 1 (never a traceback):
+every SQLite error is turned into one line here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import csv
 import json
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -21,7 +24,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, find_config_path, load_config
-from .store import AccountRow, KeyRow, Store, StoreError, parse_utc, utc_day
+from .store import AccountRow, KeyRow, Store, StoreError, parse_utc, storage_problem, utc_day
 
 
 class CliError(Exception):
@@ -259,6 +262,8 @@ async def run_admin(command: AdminCommand, args: argparse.Namespace) -> None:
     store = await Store.open(config.database)
     try:
         await command(store, config, args)
+    except sqlite3.Error as exc:  # locked for longer than the busy timeout, disk full, read-only...
+        raise CliError(storage_problem(config.database, exc, doing="use")) from None
     finally:
         await store.close()
 
@@ -387,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = load(args)
             config = replace(config, host=args.host or config.host, port=args.port or config.port)
-            return serve(config, find_config_path(args.config))
+            return serve(config, find_config_path(args.config), host=args.host, port=args.port)
         if getattr(args, "command", None) == "check":
             return check_config(args)
         asyncio.run(run_admin(args.run, args))

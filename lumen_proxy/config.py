@@ -7,6 +7,7 @@ This is the only module that reads the environment (``${VAR}`` expansion). Every
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -53,6 +54,8 @@ class Backend:
     api_key: str | None = None
     inject_stream_usage: bool = True
     max_tokens_field: str = "max_tokens"
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Sent on every request to this backend (OpenAI-Organization, OpenAI-Project, a gateway's own)."""
     """Chat field Lumen sets when a request caps nothing: max_tokens is what vLLM, Ollama and llama.cpp honour;
     OpenAI's reasoning models want max_completion_tokens."""
     label: str = field(init=False, compare=False)
@@ -93,20 +96,32 @@ class Model:
     price: Price = Price()
     max_output_tokens: int = 4096
     part_tokens: PartTokens = PartTokens()
+    max_body_bytes: int | None = None  # None: the top-level max_body_mb
     limits: LimitSpec | None = None
     owned_by: str = "lumen"
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float = 10.0
-    first_byte: float = 300.0
+    connect: float = 10.0  # to a backend
+    first_byte: float = 300.0  # from a backend
+    request_headers: float = 10.0  # for a client to send its request line and headers (slowloris)
+    request_body: float = 60.0  # for a client to send its body, first byte to last
+    keepalive: float = 75.0  # an idle client connection is closed after this
 
 
 @dataclass(frozen=True, slots=True)
 class Breaker:
     failures: int = 3
     cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBacklog:
+    """How long usage writes may keep failing, and how many rows may wait, before new requests get 503."""
+
+    seconds: float = 30.0
+    rows: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +135,11 @@ class Config:
     timeouts: Timeouts = Timeouts()
     breaker: Breaker = Breaker()
     health_check_interval: float = 0.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 1000
     shutdown_grace: float = 30.0
+    usage_backlog: UsageBacklog = UsageBacklog()
     admin_token: str | None = None
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ("*",)
@@ -229,8 +247,17 @@ def _origins(r: _Reader, value: Any, path: str) -> tuple[str, ...]:
     return origins
 
 
+def _usage_backlog(r: _Reader, value: Any, path: str) -> UsageBacklog:
+    data = r.mapping(value, path, {"seconds", "rows"})
+    default = UsageBacklog()
+    return UsageBacklog(
+        seconds=r.optional(data, "seconds", path, lambda v, p: float(r.number(v, p)), default.seconds),
+        rows=r.optional(data, "rows", path, lambda v, p: int(r.number(v, p, integer=True)), default.rows),
+    )
+
+
 def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
-    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field"})
+    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field", "headers"})
     if "url" not in data:
         raise r.fail(_join(path, "url"), "is required")
     url = r.string(data["url"], _join(path, "url")).rstrip("/")
@@ -243,7 +270,28 @@ def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
         inject_stream_usage=r.optional(data, "stream_usage", path, r.boolean, True),
         max_tokens_field=r.optional(data, "max_tokens_field", path, lambda v, p: _choice(r, v, p, _OUTPUT_FIELDS),
                                     "max_tokens"),
+        headers=r.optional(data, "headers", path, lambda v, p: _headers(r, v, p), {}),
     )
+
+
+_RESERVED_HEADERS = frozenset({"authorization", "content-type", "content-length", "accept-encoding", "host",
+                               "transfer-encoding", "connection", "x-request-id"})
+
+
+def _headers(r: _Reader, value: Any, path: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise r.fail(path, f"must be a mapping of header names to values, got {_kind(value)}")
+    headers = {}
+    for name, text in value.items():
+        where = _join(path, str(name))
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9-]+", name):
+            raise r.fail(where, "must be a header name (letters, digits and -)")
+        if name.lower() in _RESERVED_HEADERS:
+            raise r.fail(where, "is set by Lumen (use api_key for Authorization)")
+        headers[name] = r.string(text, where)
+        if any(c in headers[name] for c in "\r\n\0"):
+            raise r.fail(where, "must be one line")
+    return headers
 
 
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -255,6 +303,15 @@ def _choice(r: _Reader, value: Any, path: str, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+def _default(cls: type, name: str) -> Any:
+    """A dataclass field's default: defaults are written once, in the dataclass."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _mebibytes(r: _Reader, value: Any, path: str) -> int:
+    return int(float(r.number(value, path, minimum=0.001)) * 1024 * 1024)
+
+
 def _part_tokens(r: _Reader, value: Any, path: str) -> PartTokens:
     data = r.mapping(value, path, {"image", "audio", "video", "file"})
     count = lambda v, p: int(r.number(v, p, integer=True))  # noqa: E731
@@ -264,8 +321,8 @@ def _part_tokens(r: _Reader, value: Any, path: str) -> PartTokens:
 
 
 def _model(r: _Reader, value: Any, path: str) -> Model:
-    data = r.mapping(value, path, {"name", "backends", "price", "max_output_tokens", "part_tokens", "limits",
-                                   "owned_by"})
+    data = r.mapping(value, path, {"name", "backends", "price", "max_output_tokens", "part_tokens", "max_body_mb",
+                                   "limits", "owned_by"})
     if "name" not in data:
         raise r.fail(_join(path, "name"), "is required")
     name = r.string(data["name"], _join(path, "name"))
@@ -287,6 +344,7 @@ def _model(r: _Reader, value: Any, path: str) -> Model:
             data, "max_output_tokens", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), 4096
         ),
         part_tokens=r.optional(data, "part_tokens", path, lambda v, p: _part_tokens(r, v, p), PartTokens()),
+        max_body_bytes=r.optional(data, "max_body_mb", path, lambda v, p: _mebibytes(r, v, p), None),
         limits=r.optional(data, "limits", path, lambda v, p: _limits(r, v, p), None),
         owned_by=r.optional(data, "owned_by", path, r.string, "lumen"),
     )
@@ -294,7 +352,9 @@ def _model(r: _Reader, value: Any, path: str) -> Model:
 
 _TOP = {
     "listen", "database", "models", "limits", "timeouts", "circuit_breaker", "health_check_interval",
-    "max_body_mb", "shutdown_grace", "admin_token", "log_prompts", "demo", "cors_origins",
+    "max_body_mb", "max_response_mb", "max_connections", "shutdown_grace", "admin_token", "log_prompts", "demo",
+    "cors_origins",
+    "usage_backlog",
 }
 
 
@@ -315,9 +375,12 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         if m.name in by_name:
             raise r.fail(f"models[{i}].name", f"duplicate model name {m.name!r}")
         by_name[m.name] = m
-    timeouts = r.mapping(top.get("timeouts"), "timeouts", {"connect", "first_byte"})
+    timeouts = r.mapping(top.get("timeouts"), "timeouts", {f.name for f in dataclasses.fields(Timeouts)})
     breaker = r.mapping(top.get("circuit_breaker"), "circuit_breaker", {"failures", "cooldown"})
     seconds = lambda v, p: float(r.number(v, p))  # noqa: E731
+    positive = lambda v, p: float(r.number(v, p, minimum=0.001))  # noqa: E731
+    mebibytes = lambda v, p: _mebibytes(r, v, p)  # noqa: E731
+    count = lambda v, p: int(r.number(v, p, minimum=1, integer=True))  # noqa: E731
     return Config(
         source=source,
         database=database if database.is_absolute() else base_dir / database,
@@ -325,18 +388,19 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         host=r.optional(listen, "host", "listen", r.string, "127.0.0.1"),
         port=r.optional(listen, "port", "listen", lambda v, p: int(r.number(v, p, integer=True)), 8080),
         limits=r.optional(top, "limits", "", lambda v, p: _limits(r, v, p), LimitSpec()),
-        timeouts=Timeouts(
-            connect=r.optional(timeouts, "connect", "timeouts", seconds, 10.0),
-            first_byte=r.optional(timeouts, "first_byte", "timeouts", seconds, 300.0),
-        ),
+        timeouts=Timeouts(**{f.name: r.optional(timeouts, f.name, "timeouts", positive, _default(Timeouts, f.name))
+                             for f in dataclasses.fields(Timeouts)}),
         breaker=Breaker(
             failures=r.optional(breaker, "failures", "circuit_breaker",
                                 lambda v, p: int(r.number(v, p, minimum=1, integer=True)), 3),
             cooldown=r.optional(breaker, "cooldown", "circuit_breaker", seconds, 30.0),
         ),
         health_check_interval=r.optional(top, "health_check_interval", "", seconds, 0.0),
-        max_body_bytes=int(r.optional(top, "max_body_mb", "", seconds, 32.0) * 1024 * 1024),
+        max_body_bytes=r.optional(top, "max_body_mb", "", mebibytes, _default(Config, "max_body_bytes")),
+        max_response_bytes=r.optional(top, "max_response_mb", "", mebibytes, _default(Config, "max_response_bytes")),
+        max_connections=r.optional(top, "max_connections", "", count, _default(Config, "max_connections")),
         shutdown_grace=r.optional(top, "shutdown_grace", "", seconds, 30.0),
+        usage_backlog=r.optional(top, "usage_backlog", "", lambda v, p: _usage_backlog(r, v, p), UsageBacklog()),
         admin_token=r.optional(top, "admin_token", "", r.string, None),
         log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
         cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),

@@ -7,6 +7,7 @@
     ├── ModelNotAllowed 403
     ├── NotFound 404 ── ModelNotFound 404
     ├── MethodNotAllowed 405
+    ├── RequestTimeout 408
     ├── RateLimited 429
     ├── InternalError 500
     ├── BadGateway 502
@@ -30,6 +31,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 log = logging.getLogger("lumen_proxy")
 REQUEST_ID = web.RequestKey("request_id", str)
+STREAM_STARTED = web.RequestKey("stream_started", web.StreamResponse)
+"""Set by a handler just before it sends a stream's headers: from then on nothing may render a response."""
 
 
 class LumenError(Exception):
@@ -82,6 +85,10 @@ class ModelNotFound(NotFound):
 
 class MethodNotAllowed(LumenError):
     status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RequestTimeout(LumenError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class RateLimited(LumenError):
@@ -147,6 +154,9 @@ def make_error_middleware() -> Middleware:
         try:
             response = await handler(request)
         except LumenError as exc:
+            if STREAM_STARTED in request:
+                log.error("%s after the stream of request %s started: %s", type(exc).__name__, request_id, exc)
+                return request[STREAM_STARTED]
             return error_response(exc, request_id)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -154,6 +164,8 @@ def make_error_middleware() -> Middleware:
             return error_response(_translate_http(exc, request), request_id)
         except Exception:
             log.exception("internal error on %s %s (request %s)", request.method, request.path, request_id)
+            if STREAM_STARTED in request:  # a second status line inside a chunked body would corrupt it
+                return request[STREAM_STARTED]
             return error_response(InternalError("Internal error. The administrator can find it in the logs "
                                                 f"under request id {request_id}."), request_id)
         if not response.prepared:

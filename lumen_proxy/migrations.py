@@ -103,6 +103,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE usage ADD COLUMN capped INTEGER NOT NULL DEFAULT 0;   -- reported usage cut to the request's bound
         """,
     ),
+    (
+        "m007_heartbeat",
+        """
+        CREATE TABLE heartbeat (                  -- one row: a server commits it before serving (start check)
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            pid   INTEGER NOT NULL,               -- the server process that last proved it could write
+            time  REAL NOT NULL                   -- when (Unix time)
+        );
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

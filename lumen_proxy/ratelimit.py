@@ -6,14 +6,21 @@ drive it with a fake one and never sleep.
 Usage::
 
     limiter = RateLimiter(clock=time.monotonic)
-    outcome = limiter.admit([("key:12", key_spec), ("account:3", account_spec)], tokens=estimate)
+    outcome = limiter.admit([("key:12", key_spec), ("account:3", account_spec)], tokens=0)
     if isinstance(outcome, Refusal):
-        ...  # 429 with outcome.message and outcome.headers()
+        ...  # 429 with outcome.message and outcome.headers(), before the body is even read
     try:
-        ...  # respond, adding outcome.headers()
+        refusal = limiter.extend(outcome, [("account:3:gpt-4o", model_spec)], tokens=estimate)
+        ...  # a refusal is a 429; else respond, adding outcome.headers()
         outcome.reconcile(usage.total_tokens)
     finally:
         outcome.release()
+
+A request is admitted in two steps because what it may cost is known only from its body: ``admit``
+counts it (rpm) and takes its concurrency slots on the subjects known from its key, so a key at its
+limit is refused before its body is read and a request that fails on a bad body still counts;
+``extend`` then charges its token estimate to those subjects and admits it on the subjects its body
+names (the model's), all or nothing.
 
 Subjects are named ``"<scope>:<id>"`` or ``"<scope>:<id>:<qualifier>"`` ("key:12", "account:3",
 "account:3:gpt-4o"); a refusal reports the scope, and its message says "on your account for gpt-4o".
@@ -134,6 +141,11 @@ class _Subject:
         self.token_sum += tokens
         return self.base + len(self.times) - 1
 
+    def tokens_of(self, seq: int) -> int:
+        """The tokens entry ``seq`` holds, 0 if it has left the window (or was never logged)."""
+        index = seq - self.base
+        return self.tokens[index] if seq >= 0 and self.head <= index < len(self.times) else 0
+
     def adjust(self, seq: int, tokens: int) -> None:
         """Set the tokens of entry ``seq`` if it is still logged (a late reconcile is moot)."""
         index = seq - self.base
@@ -193,14 +205,16 @@ class Refusal:
 class Ticket:
     """An admitted request: its headers, its token correction and its concurrency slot."""
 
-    __slots__ = ("_clock", "_window", "_entries", "_released")
+    __slots__ = ("_clock", "_window", "_entries", "_released", "_names")
 
     def __init__(
         self,
         clock: Callable[[], float],
         window: float,
         entries: list[tuple[LimitSpec, _Subject, int]],
+        names: list[str],
     ) -> None:
+        self._names = names
         self._clock = clock
         self._window = window
         self._entries = entries
@@ -274,7 +288,52 @@ class RateLimiter:
             state.in_flight += 1
             state.last = now
             entries.append((spec, state, seq))
-        return Ticket(self._clock, self._window, entries)
+        return Ticket(self._clock, self._window, entries, [name for name, _ in subjects])
+
+    def extend(self, ticket: Ticket, subjects: Sequence[tuple[str, LimitSpec]], tokens: int) -> Refusal | None:
+        """Charge ``tokens`` to an admitted request and admit it on ``subjects`` too; all or nothing.
+
+        On a refusal nothing changes: the ticket keeps its slots, its rpm entries and its tokens.
+        """
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        now = self._clock()
+        cutoff = now - self._window
+        fits = True
+        for spec, held, seq in ticket._entries:  # already counted: only their tokens can refuse
+            held.expire(cutoff)
+            if spec.tpm and held.token_sum - held.tokens_of(seq) + tokens > spec.tpm:
+                fits = False
+        known = self._subjects
+        states: list[_Subject | None] = []
+        for name, spec in subjects:
+            state = known.get(name)
+            states.append(state)
+            if state is None:
+                fits = fits and not (spec.tpm and tokens > spec.tpm)
+                continue
+            state.expire(cutoff)
+            if ((spec.concurrency and state.in_flight >= spec.concurrency) or (spec.rpm and state.count >= spec.rpm)
+                    or (spec.tpm and state.token_sum + tokens > spec.tpm)):
+                fits = False
+        if not fits:
+            charged = [(name, LimitSpec(tpm=spec.tpm))
+                       for name, (spec, _, _) in zip(ticket._names, ticket._entries, strict=True)]
+            charged_states: list[_Subject | None] = [entry[1] for entry in ticket._entries]
+            return self._refusal([*charged, *subjects], [*charged_states, *states], tokens, now)
+        ticket.reconcile(tokens)
+        for (name, spec), maybe in zip(subjects, states, strict=True):
+            if maybe is None:
+                state = known[name] = _Subject()
+            else:
+                state = maybe
+                known.move_to_end(name)
+            seq = state.record(now, tokens) if spec.rpm or spec.tpm else -1
+            state.in_flight += 1
+            state.last = now
+            ticket._entries.append((spec, state, seq))
+            ticket._names.append(name)
+        return None
 
     def sweep(self) -> int:
         """Forget subjects with nothing in the window and nothing in flight; return how many."""

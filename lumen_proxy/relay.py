@@ -24,27 +24,37 @@ import orjson
 from aiohttp import web
 
 from . import billing
-from .auth import Principal, account_limits, require_model
-from .backends import Upstream, connect, upstream_headers
+from .auth import Principal, account_limits, require_model, visible_models
+from .backends import BadAnswer, Upstream, connect, upstream_headers
 from .builtin import EchoUpstream
-from .config import Backend, Model
+from .config import Backend, Config, Model, Price
 from .endpoints import ENDPOINTS, Endpoint, WorstCase, check_fields, upstream_body, worst_case
 from .errors import (
     REQUEST_ID,
+    STREAM_STARTED,
     BadGateway,
     BadRequest,
     InsufficientQuota,
+    InternalError,
     LumenError,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     UpstreamTimeout,
 )
 from .ratelimit import LimitSpec, Refusal, Ticket
 from .runtime import RUNTIME, Runtime
 from .sse import SseScanner, StreamTooLarge
-from .store import UsageRow
+from .store import AccountRow, UsageRow
 
 log = logging.getLogger("lumen_proxy")
+NO_MODEL = "-"
+"""The model of a request refused before its model was known: a client's string never becomes a label."""
+NO_COINS = ("You do not have enough coins for this request (its worst case: prompt plus max_tokens for each choice). "
+            "Ask your administrator to add coins, or lower max_tokens.")
+FREE = Price()
+MAX_JSON_VALUES = 250_000
+BYTES_PER_JSON_VALUE = 32
 
 
 @dataclass(slots=True)
@@ -78,14 +88,41 @@ class Call:
         return f"proxy;dur={max(total - upstream, 0):.2f}, upstream;dur={upstream:.2f}"
 
 
-async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+async def read_body(request: web.Request, limit: int, within: float) -> bytes:
+    """The body, at most ``limit`` bytes, within ``within`` seconds (a slow sender holds a slot, not the loop)."""
     too_large = f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB."
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(too_large)
+    chunks: list[bytes] = []
+    size = 0
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:  # a chunked body has no Content-Length to judge first
-        raise PayloadTooLarge(too_large) from None
+        async with asyncio.timeout(within):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(too_large)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {within:g} seconds.") from None
+    except web.RequestPayloadError:
+        raise BadRequest("The request body could not be read (broken Content-Encoding or chunked framing).") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object, refused before parsing when it holds more values than its size can justify.
+
+    Each JSON value becomes a Python object of 30-70 bytes: ``{},{},...`` (3 bytes per value) parses
+    to 24 times its size and stalls the loop for over a second per 8 MiB. Counting commas and brackets
+    (C speed; an over-count, as commas in strings count too) bounds both before paying for them: at
+    most ~18 MB plus 2.3 times the size. Text dense enough in commas to hit it (2 MB of CSV passes) is
+    longer than any model's context anyway; large bodies that make sense are base64 media. A body
+    under twice the allowance (a value takes 2 bytes at least) cannot exceed it and is not counted.
+    """
+    allowed = MAX_JSON_VALUES + len(raw) // BYTES_PER_JSON_VALUE
+    if len(raw) > 2 * allowed and raw.count(b",") + raw.count(b"{") + raw.count(b"[") > allowed:
+        raise BadRequest(f"The JSON body has too many values for its size (at most {MAX_JSON_VALUES:,} plus one "
+                         f"per {BYTES_PER_JSON_VALUE} bytes). Send long lists as text, or split the request.")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -94,49 +131,76 @@ async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[
         raise BadRequest("The request body must be a JSON object.")
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise BadRequest("You must provide a model parameter (a string).", param="model")
-    return raw, body
+    return body
 
 
-def limit_subjects(rt: Runtime, principal: Principal, model: Model) -> list[tuple[str, LimitSpec]]:
-    """Per key: the defaults; per account: its own limits, else the defaults; per model: its own."""
+def key_subjects(rt: Runtime, principal: Principal) -> list[tuple[str, LimitSpec]]:
+    """Per key: the defaults; per account: its own limits, else the defaults."""
     account = principal.account
-    subjects = [(f"key:{principal.key_id}", rt.config.limits),
-                (f"account:{account.id}", account_limits(rt.config.limits, account))]
-    if model.limits is not None:
-        subjects.append((f"account:{account.id}:{model.name}", model.limits))
-    return subjects
+    return [(f"key:{principal.key_id}", rt.config.limits),
+            (f"account:{account.id}", account_limits(rt.config.limits, account))]
+
+
+def model_subjects(principal: Principal, model: Model) -> list[tuple[str, LimitSpec]]:
+    """Per account and model: the model's own limits, if it has any."""
+    if model.limits is None:
+        return []
+    return [(f"account:{principal.account.id}:{model.name}", model.limits)]
+
+
+def refuse_early(rt: Runtime, principal: Principal) -> Ticket:
+    """Admit on what the key alone tells (its limits, its coins) before a byte of the body is read."""
+    admission = rt.limiter.admit(key_subjects(rt, principal), 0)
+    if isinstance(admission, Refusal):
+        rt.metrics.rate_limited(NO_MODEL, admission.limit)
+        raise RateLimited(admission.message, headers=admission.headers())
+    account = principal.account
+    if rt.wallets.available(account.id) <= 0 and not any(m.price == FREE for m in visible_models(rt.config, account)):
+        admission.release()
+        raise InsufficientQuota(NO_COINS, headers=admission.headers())
+    return admission
+
+
+def body_limit(config: Config, account: AccountRow) -> int:
+    """The largest body any model of the account accepts: a bigger one is refused unread."""
+    return max((m.max_body_bytes or config.max_body_bytes for m in visible_models(config, account)),
+               default=config.max_body_bytes)
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     principal = await rt.view.identify(request.headers.get("Authorization"))
+    storage = rt.usage.refusal()
+    if storage is not None:  # fail closed, never a free pass; and no row added to the backlog that waits
+        raise storage
     endpoint = ENDPOINTS[request.path]
-    call = Call(request[REQUEST_ID], principal, "", endpoint)  # a row even for a bad body
+    call = Call(request[REQUEST_ID], principal, NO_MODEL, endpoint)  # a row even for a bad body
     ticket: Ticket | None = None
     hold: billing.Hold | None = None
     model: Model | None = None
     rt.metrics.inflight.inc()
     try:
-        raw, body = await read_json_body(request, rt.config.max_body_bytes)
-        call.model = body["model"][:200]
+        ticket = refuse_early(rt, principal)
+        raw = await read_body(request, body_limit(rt.config, principal.account), rt.config.timeouts.request_body)
+        body = parse_body(raw)
         check_fields(body, endpoint)
         if rt.config.log_prompts:
             call.prompt = body.get(endpoint.input_field)
+        call.model = body["model"] if rt.config.model(body["model"]) is not None else NO_MODEL
         model = require_model(rt.config, principal.account, body["model"])
-        worst = call.worst = worst_case(body, len(raw), endpoint, model)
-        del raw  # only its size was needed
-        admission = rt.limiter.admit(limit_subjects(rt, principal, model), worst.tokens)
-        if isinstance(admission, Refusal):
-            rt.metrics.rate_limited(model.name, admission.limit)
-            raise RateLimited(admission.message, headers=admission.headers())
-        ticket = admission
+        size = len(raw)
+        del raw  # only its size is needed from here on
+        if model.max_body_bytes is not None and size > model.max_body_bytes:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {model.max_body_bytes / 2**20:.3g} MiB "
+                                  f"for `{model.name}`.")
+        worst = call.worst = worst_case(body, size, endpoint, model)
+        refusal = rt.limiter.extend(ticket, model_subjects(principal, model), worst.tokens)
+        if refusal is not None:
+            rt.metrics.rate_limited(model.name, refusal.limit)
+            raise RateLimited(refusal.message, headers=refusal.headers())
         hold = rt.wallets.place_hold(principal.account.id, billing.cost(model.price, worst.prompt, worst.completion))
         if hold is None:
-            raise InsufficientQuota(
-                "You do not have enough coins for this request (its worst case: prompt plus max_tokens for each "
-                "choice). Ask your administrator to add coins, or lower max_tokens.",
-                headers=ticket.headers(),
-            )
+            raise InsufficientQuota(NO_COINS)
         call.estimate = (worst.typical_prompt, 0)
         return await forward(request, rt, call, model, body, worst, ticket)
     except LumenError as exc:
@@ -226,20 +290,24 @@ async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, b
 
     async def dial(backend: Backend) -> Upstream:
         send, injected[backend.url] = upstream_body(body, endpoint, backend, worst)
+        encoded = _encode(send)  # also for the built-in backend: what no HTTP backend could take, it refuses too
         call.backend = backend.label
         call.upstream_at = time.perf_counter()
         if backend.is_builtin:
             return EchoUpstream(endpoint.upstream, send)
-        return await rt.client.post(backend, endpoint.upstream, _encode(send),
-                                    upstream_headers(request.headers, backend))
+        return await rt.client.post(backend, endpoint.upstream, encoded,
+                                    upstream_headers(request.headers, backend, call.request_id))
 
     backend, upstream = await connect(rt.pool, model, dial, account=call.principal.account.id)
     call.first_byte_at = time.perf_counter()
     headers = {"x-request-id": call.request_id, **ticket.headers()}
     try:
+        if 300 <= upstream.status < 400:  # we follow no redirects, and relaying one without its Location is junk
+            log.warning("backend %s answered %d (a redirect): check its url", backend.label, upstream.status)
+            raise BadGateway("The model backend answered with a redirect.")
         if body.get("stream") is True and upstream.status == 200 and "event-stream" in upstream.content_type:
             return await relay_stream(request, call, upstream, headers, injected[backend.url])
-        return await relay_whole(call, upstream, headers)
+        return await relay_whole(call, upstream, headers, rt.config.max_response_bytes)
     finally:
         upstream.close()
 
@@ -251,10 +319,12 @@ def _encode(body: dict[str, Any]) -> bytes:
         raise BadRequest("The JSON body is nested too deeply.") from None
 
 
-async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str]) -> web.Response:
+async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str], limit: int) -> web.Response:
     try:
-        data = await upstream.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        data = await upstream.read(limit)
+    except (aiohttp.ClientError, TimeoutError, BadAnswer) as exc:
+        if isinstance(exc, BadAnswer):
+            log.warning("request %s: cannot relay the answer of %s: %s", call.request_id, call.backend, exc)
         raise _broken(exc) from exc
     call.status = upstream.status
     if upstream.status == 200:
@@ -291,6 +361,7 @@ async def relay_stream(request: web.Request, call: Call, upstream: Upstream, hea
                     "X-Accel-Buffering": "no", "Server-Timing": call.server_timing()})
     response = web.StreamResponse(status=200, headers=headers)
     call.status = 200
+    request[STREAM_STARTED] = response
     await response.prepare(request)
     chunks = upstream.chunks().__aiter__()
     try:
@@ -310,9 +381,15 @@ async def relay_stream(request: web.Request, call: Call, upstream: Upstream, hea
         if tail:
             await response.write(tail)
         call.partial = not scanner.done
-    except (aiohttp.ClientError, TimeoutError, StreamTooLarge, ConnectionError):
+    except (aiohttp.ClientError, TimeoutError, StreamTooLarge, ConnectionError, BadAnswer):
         call.status, call.partial = 502, True
-        await _end_with_error(response)
+        await _end_with_error(response, BadGateway("The model backend broke off the stream."))
+        return response
+    except Exception:  # a bug of ours: the stream can only end, with an event the SDKs raise on
+        log.exception("internal error in the stream of request %s", call.request_id)
+        call.status, call.partial = 500, True
+        await _end_with_error(response, InternalError("Internal error. The administrator can find it in the logs "
+                                                      f"under request id {call.request_id}."))
         return response
     finally:
         call.usage = scanner.usage
@@ -321,9 +398,9 @@ async def relay_stream(request: web.Request, call: Call, upstream: Upstream, hea
     return response
 
 
-async def _end_with_error(response: web.StreamResponse) -> None:
-    """Tell an SSE client the backend broke (the SDKs raise on an error event), then end."""
-    event = b"data: " + BadGateway("The model backend broke off the stream.").body() + b"\n\n"
+async def _end_with_error(response: web.StreamResponse, error: LumenError) -> None:
+    """Tell an SSE client the stream broke (the SDKs raise on an error event), then end."""
+    event = b"data: " + error.body() + b"\n\n"
     try:
         await response.write(event)
         await response.write_eof()

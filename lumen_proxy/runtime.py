@@ -1,10 +1,13 @@
 """Everything a running server holds, built and torn down in one place.
 
 ``open_runtime`` is used as an aiohttp cleanup context: it takes the one-server-per-database lock,
-opens and migrates the store, loads the key/account view, and starts the background tasks (view
-refresh, usage writer, limiter sweep, active health checks). On the way out it stops them and
-flushes the usage log, so a graceful stop loses no row while the database can be written; the rows
-it could not write are counted in ``UsageLog.unwritten`` (the server then exits 1).
+opens and migrates the store, proves the database can be written (a committed heartbeat: a database
+that cannot be written refuses the start with one line, as :class:`StoreError`), replays the usage
+rows a previous stop spilled, loads the key/account view, and starts the background tasks (view
+refresh, usage writer, limiter sweep, active health checks). Nothing is served before those rows are
+billed. On the way out it stops the tasks and flushes the usage log; the rows it could not write
+are spilled for the next start (``UsageLog.spilled``) or, if even that fails, lost
+(``UsageLog.unwritten``); either way the server then exits 1.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -33,6 +37,7 @@ from .usagelog import UsageLog
 
 log = logging.getLogger("lumen_proxy")
 SWEEP_EVERY = 30.0
+START_CHECK_WITHIN = 2.0  # seconds the start's write check waits for another connection's write lock
 
 
 class ServerLocked(Exception):
@@ -66,6 +71,7 @@ class Runtime:
         self.pool.breaker = config.breaker
         self.pool.timeouts = config.timeouts
         self.client.timeouts = config.timeouts
+        self.usage.backlog = config.usage_backlog
 
     def backend_states(self) -> dict[tuple[str, str], bool]:
         return {(m.name, b.label): self.pool.state(b).up for m in self.config.models for b in m.backends}
@@ -123,23 +129,14 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
         except StoreError:
             lock.close()
             raise
-        wallets = Wallets()
-        writer_lock = asyncio.Lock()
-        pool = BackendPool(clock=monotonic)
-        pool.breaker = config.breaker
-        pool.timeouts = config.timeouts
-        rt = Runtime(
-            config=config, store=store, wallets=wallets,
-            view=AccessView(store, wallets, writer_lock, clock=clock),
-            usage=UsageLog(store, wallets, writer_lock, interval=usage_interval, access_log=access_log),
-            limiter=RateLimiter(clock=monotonic), pool=pool, client=HttpClient(config.timeouts),
-            metrics=Metrics(),
-        )
+        try:
+            rt = await _start(store)
+        except BaseException:
+            await store.close()
+            lock.close()
+            raise
         app[RUNTIME] = rt
         try:
-            await rt.view.reload()
-            if on_ready is not None:
-                await on_ready(rt)
             for coro in (rt.view.run(), rt.usage.run(), _sweep(rt.limiter), _health_loop(rt)):
                 _spawn(rt, coro)
             yield
@@ -153,5 +150,34 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             await rt.client.close()
             await store.close()
             lock.close()
+
+    async def _start(store: Store) -> Runtime:
+        """Everything before serving; a database problem is one :class:`StoreError` line."""
+        await store.check_writable(within=START_CHECK_WITHIN)
+        wallets = Wallets()
+        writer_lock = asyncio.Lock()
+        pool = BackendPool(clock=monotonic)
+        pool.breaker = config.breaker
+        pool.timeouts = config.timeouts
+        rt = Runtime(
+            config=config, store=store, wallets=wallets,
+            view=AccessView(store, wallets, writer_lock, clock=clock),
+            usage=UsageLog(store, wallets, writer_lock, interval=usage_interval, access_log=access_log,
+                           backlog=config.usage_backlog, clock=monotonic),
+            limiter=RateLimiter(clock=monotonic), pool=pool, client=HttpClient(config.timeouts),
+            metrics=Metrics(),
+        )
+        try:
+            await rt.usage.replay()  # before the view loads the balances: they include these debits
+            await rt.view.reload()
+            if on_ready is not None:
+                await on_ready(rt)
+        except sqlite3.Error as exc:
+            await rt.client.close()
+            raise StoreError(f"cannot use the database {config.database}: {exc}") from None
+        except BaseException:
+            await rt.client.close()
+            raise
+        return rt
 
     return open_runtime

@@ -7,6 +7,11 @@ A usage row fits the schema only if each of its INTEGER values is an int in 0..2
 (:func:`usage_row_problem` says why not), and a batch whose debits or daily totals would leave
 SQLite's 64-bit integers fails as a whole (a NOT NULL error, never a silent REAL): SQLite would
 otherwise turn an overflowing sum into an inexact float.
+
+Storage fails closed: :meth:`Store.check_writable` commits a heartbeat before a server serves (a
+database it cannot write refuses the start), and :func:`storage_problem` turns SQLite's errors into
+one line for an operator. Reports read committed data only: they run on a read-only connection of
+their own, never inside (nor waiting for) the usage writer's transaction on the main connection.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -28,9 +34,25 @@ import aiosqlite
 from .keys import hash_key, looks_like_key, new_key, visible_prefix
 from .migrations import MIGRATIONS, SCHEMA_VERSION
 
+BUSY_TIMEOUT = 5.0  # seconds a statement waits for another connection's write lock before "database is locked"
+
 
 class StoreError(Exception):
     """A user-facing problem (unknown account, duplicate name...): one line, nothing changed."""
+
+
+def is_locked(exc: BaseException) -> bool:
+    """SQLite gave up waiting for another connection's lock (SQLITE_BUSY)."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def storage_problem(path: Path | str | None, exc: BaseException, *, waited: float = BUSY_TIMEOUT,
+                    doing: str = "write") -> str:
+    """One line for an operator: what SQLite said about the database ``path``, and what it means."""
+    if is_locked(exc):
+        return (f"cannot write the database {path}: another connection held its write lock for over {waited:g} s "
+                "(a long transaction, an open sqlite3 shell?); try again")
+    return f"cannot {doing} the database {path}: {exc}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +247,7 @@ async def open_db(path: Path) -> aiosqlite.Connection:
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from None
     try:
-        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")
         await conn.execute("PRAGMA foreign_keys = ON")
@@ -260,21 +282,73 @@ async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> 
     return SCHEMA_VERSION - version
 
 
+def _read_only_uri(path: Path) -> str:
+    return f"{Path(os.path.abspath(path)).as_uri()}?mode=ro"
+
+
+async def open_reader(path: Path) -> aiosqlite.Connection:
+    """A read-only connection: in WAL mode it sees the last commit, never a transaction in progress."""
+    conn = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
 class Store:
-    """Typed operations over one aiosqlite connection (aiosqlite serialises them on its thread)."""
+    """Typed operations over one aiosqlite connection (aiosqlite serialises them on its thread), and
+    reports over a read-only one opened on first use."""
 
     def __init__(self, conn: aiosqlite.Connection, path: Path | None = None) -> None:
         self.conn = conn
         self.path = path  # the database file, when opened from one
         # aiosqlite orders statements, not transactions: two BEGINs on one connection must queue.
         self._tx_lock = asyncio.Lock()
+        self._reader: aiosqlite.Connection | None = None
+        self._reader_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
         return cls(await open_db(path), path)
 
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
         await self.conn.close()
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection reports read on: the read-only one; without a file (a bare connection handed
+        in), the main one, but only between transactions, so a report never sees uncommitted rows."""
+        if self.path is None:
+            async with self._tx_lock:
+                yield self.conn
+            return
+        async with self._reader_lock:
+            if self._reader is None:
+                self._reader = await open_reader(self.path)
+        yield self._reader
+
+    async def check_writable(self, within: float = BUSY_TIMEOUT) -> None:
+        """Commit the heartbeat row, waiting at most ``within`` seconds for another connection's lock.
+
+        A real committed write, because a rolled-back ``BEGIN IMMEDIATE`` passes on a full disk (the
+        write-ahead log is only appended at commit). Raises :class:`StoreError` with one line.
+        """
+        await self.set_busy_timeout(within)
+        try:
+            async with self.transaction():
+                await self.conn.execute(
+                    "INSERT INTO heartbeat (id, pid, time) VALUES (1, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, time = excluded.time",
+                    (os.getpid(), time.time()))
+        except sqlite3.Error as exc:
+            raise StoreError(storage_problem(self.path, exc, waited=within)) from None
+        finally:
+            await self.set_busy_timeout(BUSY_TIMEOUT)
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         async with self.conn.execute(sql, tuple(params)) as cur:
@@ -458,12 +532,17 @@ class Store:
         if until:
             where.append("day <= ?")
             params.append(until)
-        rows = await self._all(
-            f"SELECT {group}, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens), sum(cost)"
-            f" FROM usage_daily WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",
-            params,
-        )
-        names = {a.id: a.name for a in await self.accounts()} if by == "account" else {}
+        async with self._reading() as conn:
+            async with conn.execute(
+                f"SELECT {group}, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens), sum(cost)"
+                f" FROM usage_daily WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",
+                params,
+            ) as cur:
+                rows = list(await cur.fetchall())
+            names: dict[int, str] = {}
+            if by == "account":
+                async with conn.execute("SELECT id, name FROM accounts") as cur:
+                    names = {r[0]: r[1] for r in await cur.fetchall()}
         return [{by: names.get(r[0], r[0]) if names else r[0], "requests": r[1], "errors": r[2],
                  "prompt_tokens": r[3], "completion_tokens": r[4], "cost": r[5]} for r in rows]
 
@@ -479,6 +558,16 @@ class Store:
             deleted += count
             if count < batch:
                 return deleted
+
+    async def present_request_ids(self, request_ids: Sequence[str]) -> set[str]:
+        """Which of ``request_ids`` already have a row in the usage log (committed)."""
+        present: set[str] = set()
+        for start in range(0, len(request_ids), 500):  # SQLite's limit on bound parameters is 999 or more
+            chunk = request_ids[start:start + 500]
+            rows = await self._all(
+                f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(chunk))})", chunk)
+            present.update(r[0] for r in rows)
+        return present
 
     async def usage_rows(self, request_id: str) -> list[dict[str, Any]]:
         async with self.conn.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,)) as cur:

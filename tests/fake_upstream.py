@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from aiohttp.web import ContentCoding
 from multidict import CIMultiDict
 
 NOT_SET: Any = object()  # Behavior.usage_override's "send the real usage"
@@ -84,6 +85,8 @@ class Behavior:
     usage_override: Any = NOT_SET
     ignore_max_tokens: bool = False  # generate the whole reply whatever max_tokens says (Ollama's default)
     gate: asyncio.Event | None = None  # when set, every POST waits for it before answering
+    force_gzip: bool = False  # compress answers (streams too) although the client asked for identity
+    canned: tuple[int, dict[str, str], bytes] | None = None  # answer every POST with (status, headers, body)
 
 
 @dataclass
@@ -203,7 +206,7 @@ def embedding_vector(text: str, dimensions: int = 8) -> list[float]:
 
 def make_upstream(name: str = "up1", models: Sequence[str] = ("fake-model",)) -> web.Application:
     """Build the fake server; its state is `app[UPSTREAM_STATE]`."""
-    app = web.Application(middlewares=[_record_middleware])
+    app = web.Application(middlewares=[_record_middleware], client_max_size=64 * 1024 * 1024)  # images
     app[UPSTREAM_STATE] = UpstreamState(name=name, models=list(models))
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _list_models)
@@ -249,6 +252,8 @@ async def _record_middleware(request: web.Request, handler: Handler) -> web.Stre
     if isinstance(response, web.Response) and isinstance(response.body, bytes):
         record.sent += response.body
         record.finished = True
+        if state.behavior.force_gzip:
+            response.enable_compression(force=ContentCoding.gzip)
     record.status = response.status
     if not response.prepared:  # streams set it themselves, before their headers go out
         response.headers["x-request-id"] = record.id
@@ -284,6 +289,9 @@ def _refusal(state: UpstreamState, request: web.Request, body: Any) -> web.Respo
         return error_response(behavior.fail_status, message, kind, code=code)
     if request.method != "POST":
         return None
+    if behavior.canned is not None:
+        status, headers, payload = behavior.canned
+        return web.Response(status=status, headers=headers, body=payload)
     if not isinstance(body, dict):
         return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
     model = body.get("model")
@@ -493,6 +501,8 @@ async def _write_stream(
     record = request[_RECORD]
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "x-request-id": record.id}
     response = web.StreamResponse(headers=headers)
+    if behavior.force_gzip:
+        response.enable_compression(force=ContentCoding.gzip)
     record.response = response
     record.status = response.status
     await response.prepare(request)

@@ -1,7 +1,8 @@
 """The admin CLI as an admin uses it: ``python -m lumen_proxy`` on the database the config names.
 
-Keys are shown once (alone on stdout) and stored nowhere in full; bad input prints one line on
-stderr, exits 1 or 2, and leaves the database byte-for-byte as it was (compared as a SQL dump).
+Keys are shown once (alone on stdout) and stored nowhere in full; bad input, or a database another
+connection keeps locked, prints one line on stderr, exits 1 or 2, and leaves the database
+byte-for-byte as it was (compared as a SQL dump).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from lumen_proxy.store import Store
+from lumen_proxy.store import BUSY_TIMEOUT, Store
 from tests.conftest import cli, config_dict, write_config
 
 KEY = re.compile(r"sk_[A-Za-z0-9]{32,}")
@@ -150,3 +152,27 @@ def test_unreadable_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "missing.yaml" in done.stderr
+
+
+def test_a_locked_database_gives_a_bounded_wait_then_one_line(config_file: Path, alice_db: Path) -> None:
+    """Another connection holds the write lock (a long transaction, an admin's sqlite3 shell): a write
+    waits the busy timeout, then fails with one line; reads are not held up (WAL)."""
+    before = dump(alice_db)
+    locker = sqlite3.connect(alice_db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        done = cli("coins", "add", "alice", "5", config=config_file)
+        waited = time.monotonic() - started
+        listed = cli("accounts", "list", "--json", config=config_file)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"lumen-proxy: cannot write the database {alice_db}: another connection held its write lock for over "
+        f"{BUSY_TIMEOUT:g} s (a long transaction, an open sqlite3 shell?); try again"]
+    assert done.stdout == ""
+    assert BUSY_TIMEOUT <= waited < BUSY_TIMEOUT + 5
+    assert listed.returncode == 0 and [a["coins"] for a in json.loads(listed.stdout)] == [10]
+    assert dump(alice_db) == before

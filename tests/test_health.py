@@ -1,4 +1,5 @@
-"""``GET /healthz``: no key, per-model backend health, 200 only while every model has a backend up.
+"""``GET /healthz``: no key, per-model backend health, 200 only while every model has a backend up
+(and usage rows can be written: see test_storage.py for ``usage_log`` while they cannot).
 
 Passive health comes from real traffic (the circuit breaker), active health from a ``GET /models``
 probe every ``health_check_interval`` seconds. Most tests run the app in-process; the last one flips
@@ -51,6 +52,7 @@ async def test_healthz_needs_no_key_and_reports_every_model(proxy: Proxy, upstre
 
     assert status == 200
     assert body["status"] == "ok"
+    assert body["usage_log"] == {"ok": True, "failing_for_s": 0.0, "rows_waiting": 0, "refusing": False}
     assert body["models"] == {
         "gpt-4o": {"up": True, "backends": {upstream.base_url: "up"}},
         "text-embedding-3-small": {"up": True, "backends": {upstream.base_url: "up"}},

@@ -368,8 +368,10 @@ async def test_concurrency_cap(make_proxy: MakeProxy, tmp_path: Path, upstream: 
 
 
 # -- order of checks ----------------------------------------------------------------------------------
-async def test_refused_before_the_limit_touches_no_window(
+async def test_unauthenticated_requests_touch_no_window_and_bad_ones_count(
         make_proxy: MakeProxy, tmp_path: Path, upstream: UpstreamServer, clock: Clock) -> None:
+    """A key is admitted before its body is read: a bad body or an unknown model still counts against its
+    rpm (it cost the server a parse), while a caller without a valid key touches no window at all."""
     proxy = await start(make_proxy, tmp_path, upstream, clock, limits={"rpm": 3})
     key = (await user(proxy))[0]
     echo_only = (await user(proxy, "carol"))[0]
@@ -381,14 +383,16 @@ async def test_refused_before_the_limit_touches_no_window(
         for stranger in strangers:
             with pytest.raises(openai.AuthenticationError):
                 await chat(stranger)
-    for _ in range(5):  # authenticated, but no such model / not this account's model
+    assert len(proxy.rt.limiter) == 0
+    for _ in range(2):  # authenticated, but no such model / not this account's model
         with pytest.raises(openai.NotFoundError):
             await chat(alice, model="gpt-9")
         with pytest.raises(openai.PermissionDeniedError):
             await chat(carol)
-    assert len(proxy.rt.limiter) == 0
-    assert remaining(await raw_chat(alice)) == 2  # the whole window, minus this request
-    assert remaining(await raw_chat(carol, model="echo")) == 2
+    assert remaining(await raw_chat(alice)) == 0  # two refused requests and this one
+    assert remaining(await raw_chat(carol, model="echo")) == 0
+    with pytest.raises(openai.RateLimitError):
+        await chat(alice, model="gpt-9")  # over the limit: refused before the body is even read
 
 
 async def test_rate_limit_comes_before_coins(make_proxy: MakeProxy, tmp_path: Path, upstream: UpstreamServer,
@@ -438,7 +442,7 @@ async def test_refused_requests_are_in_the_usage_log(
         assert error.request_id is not None
         (row,) = await proxy.rt.store.usage_rows(error.request_id)
         assert row["status"] == 429
-        assert row["model"] == "gpt-4o"
+        assert row["model"] == "-"  # refused on the key's rpm before its body (and model) was read
         assert (row["cost"], row["prompt_tokens"], row["completion_tokens"]) == (0, 0, 0)
     done = cli("usage", "--json", config=config_path)
     assert done.returncode == 0, done.stderr

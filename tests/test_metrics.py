@@ -73,9 +73,9 @@ async def test_metrics_count_requests_latency_tokens_coins_backends_and_refusals
     assert status == 200
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert value(found, "lumen_requests_total", model="gpt-4o", status="200", account="alice") == 3
-    assert value(found, "lumen_requests_total", model="gpt-4o", status="429", account="alice") == 1
-    assert value(found, "lumen_request_duration_seconds_count", model="gpt-4o") == 4
-    assert value(found, "lumen_request_duration_seconds_bucket", model="gpt-4o", le="+Inf") == 4
+    assert value(found, "lumen_requests_total", model="-", status="429", account="alice") == 1  # before its body
+    assert value(found, "lumen_request_duration_seconds_count", model="gpt-4o") == 3
+    assert value(found, "lumen_request_duration_seconds_bucket", model="gpt-4o", le="+Inf") == 3
     assert value(found, "lumen_time_to_first_byte_seconds_count", model="gpt-4o") == 3  # not the 429
     assert value(found, "lumen_time_to_first_byte_seconds_bucket", model="gpt-4o", le="+Inf") == 3
     prompt = sum(u.prompt_tokens for u in usages if u)
@@ -89,7 +89,7 @@ async def test_metrics_count_requests_latency_tokens_coins_backends_and_refusals
     assert value(found, "lumen_inflight_requests") == 0
     assert value(found, "lumen_backend_up", model="gpt-4o", backend=upstream.base_url) == 1
     assert value(found, "lumen_backend_up", model="echo", backend="builtin:echo") == 1
-    assert value(found, "lumen_rate_limit_refusals_total", model="gpt-4o", limit="requests") == 1
+    assert value(found, "lumen_rate_limit_refusals_total", model="-", limit="requests") == 1
 
 
 async def test_backend_up_turns_0_when_its_breaker_opens(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:

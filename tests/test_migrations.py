@@ -30,6 +30,7 @@ COLUMNS = {
               "ttfb_ms", "details"},
     "usage_daily": {"day", "account_id", "model", "key_id", "requests", "errors", "prompt_tokens",
                     "completion_tokens", "cost"},
+    "heartbeat": {"id", "pid", "time"},
 }
 
 

@@ -6,6 +6,7 @@ aiohttp where the bytes themselves are the point.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import struct
 import time
@@ -153,9 +154,11 @@ async def test_expect_100_continue_is_answered_here_and_not_forwarded(
     assert "Expect" not in upstream.state.last.headers
 
 
-async def test_hop_by_hop_headers_are_not_forwarded(
+async def test_only_headers_lumen_means_to_send_go_upstream(
     proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
 ) -> None:
+    """An allow list: before, OpenAI-Organization from the client reached OpenAI beside the admin's key (the
+    client chose whom OpenAI bills), and Content-Encoding: gzip was forwarded for a body already decoded."""
     headers = {
         **bearer(alice),
         "Connection": "keep-alive, X-Hop-Only",
@@ -165,18 +168,47 @@ async def test_hop_by_hop_headers_are_not_forwarded(
         "Proxy-Authorization": "Basic c2VjcmV0",
         "Cookie": "session=abc",
         "OpenAI-Organization": "org-physics",
+        "OpenAI-Project": "proj-x",
         "X-Custom-Trace": "trace-42",
+        "X-Stainless-OS": "Linux",
+        "Accept": "application/json",
     }
     body = {"model": "gpt-4o", "messages": HELLO}
     async with http.post(f"{proxy.base_url}/chat/completions", json=body, headers=headers) as response:
         assert response.status == 200
+        request_id = response.headers["x-request-id"]
     seen = upstream.state.last.headers
-    for name in ("Keep-Alive", "X-Hop-Only", "TE", "Proxy-Authorization", "Cookie"):
+    for name in ("Keep-Alive", "X-Hop-Only", "TE", "Proxy-Authorization", "Cookie", "OpenAI-Organization",
+                 "OpenAI-Project", "X-Custom-Trace", "X-Stainless-OS"):
         assert name not in seen, name
-    assert "X-Hop-Only" not in seen.get("Connection", "")
-    # End-to-end headers do reach the backend.
-    assert seen["OpenAI-Organization"] == "org-physics"
-    assert seen["X-Custom-Trace"] == "trace-42"
+    assert seen["Accept"] == "application/json" and seen["Accept-Encoding"] == "identity"
+    assert seen["X-Request-ID"] == request_id  # a backend's log line can be matched with ours
+
+
+async def test_a_gzipped_request_body_is_decoded_and_sent_plain(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    body = gzip.compress(json.dumps({"model": "gpt-4o", "messages": HELLO}).encode())
+    async with http.post(f"{proxy.base_url}/chat/completions", data=body, headers={
+            **bearer(alice), "Content-Type": "application/json", "Content-Encoding": "gzip"}) as response:
+        assert response.status == 200
+    assert "Content-Encoding" not in upstream.state.last.headers
+    assert upstream.state.last.body["messages"] == HELLO
+
+
+async def test_headers_a_backend_needs_come_from_its_config(
+    make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = config_dict(tmp_path, [upstream.base_url])
+    data["models"][0]["backends"][0]["headers"] = {"OpenAI-Organization": "org-dept", "OpenAI-Project": "proj-1"}
+    proxy = await make_proxy(build_config(tmp_path, data))
+    await proxy.account("alice")
+    key = await proxy.key("alice")
+    async with http.post(f"{proxy.base_url}/chat/completions", json={"model": "gpt-4o", "messages": HELLO},
+                         headers={**bearer(key), "OpenAI-Organization": "org-student"}) as response:
+        assert response.status == 200
+    seen = upstream.state.last.headers
+    assert (seen["OpenAI-Organization"], seen["OpenAI-Project"]) == ("org-dept", "proj-1")
 
 
 async def test_tool_call_non_stream(proxy: Proxy, alice: str, upstream: UpstreamServer) -> None:

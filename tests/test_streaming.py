@@ -16,6 +16,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from lumen_proxy.sse import SseScanner
 from tests.conftest import Proxy
 from tests.fake_upstream import (
     TOOL_ARGUMENT_FRAGMENTS,
@@ -301,3 +302,35 @@ async def test_an_event_without_end_is_bounded(
     assert json.loads(last.removeprefix(b"data: "))["error"]["code"] == "bad_gateway"
     completion = await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=POEM)
     assert completion.choices[0].message.content == "x" * (5 * 1024 * 1024)  # non-stream bodies have no such limit
+
+
+async def test_a_bug_mid_stream_ends_it_with_an_error_event_and_bills(
+    proxy: Proxy, alice: str, upstream: UpstreamServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the error middleware wrote a second `HTTP/1.1 500` status line into the chunked body."""
+    real_feed = SseScanner.feed
+    fed = 0
+
+    def feed(self: SseScanner, chunk: bytes) -> bytes:
+        nonlocal fed
+        fed += 1
+        if fed == 3:
+            raise KeyError("a bug")
+        return real_feed(self, chunk)
+
+    monkeypatch.setattr(SseScanner, "feed", feed)
+    upstream.state.behavior.chunk_delay = 0.02  # one event per read
+    async with http.post(f"{proxy.base_url}/chat/completions", headers={"Authorization": f"Bearer {alice}"},
+                         json={"model": "gpt-4o", "messages": POEM, "stream": True}) as response:
+        assert response.status == 200
+        received = await response.read()
+        request_id = response.headers["x-request-id"]
+    assert b"HTTP/1.1" not in received
+    *relayed, last = events_of(received)
+    error = json.loads(last.removeprefix(b"data: ").strip())["error"]
+    assert error["code"] == "internal_error" and request_id in error["message"]
+    assert len(relayed) == 2  # what was fed before the bug went out as it came
+    await proxy.flush()
+    [found] = await proxy.rt.store.usage_rows(request_id)
+    assert (found["status"], found["partial"]) == (500, 1) and found["cost"] > 0
+    assert proxy.rt.wallets.held == {}

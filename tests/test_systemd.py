@@ -3,6 +3,7 @@ the unit's promises about the package (console script, options, memory W^X, noti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from lumen_proxy import sdnotify
+from lumen_proxy.config import Config
+from lumen_proxy.server import STOP_AFTER_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "lumen-proxy.service"
@@ -219,9 +222,26 @@ def test_unit_directories_hold_the_config_and_database() -> None:
     assert settings["Service.User"] == ["lumen"]
 
 
-def test_stop_timeout_exceeds_the_default_shutdown_grace() -> None:
+def _default_grace() -> float:
+    return float(next(f.default for f in dataclasses.fields(Config) if f.name == "shutdown_grace"))
+
+
+def test_stop_timeout_fits_the_whole_stop_of_the_default_grace() -> None:
+    """A stop takes at most shutdown_grace + STOP_AFTER_GRACE (cut, close, flush); then systemd kills."""
     [timeout] = _unit_settings()["Service.TimeoutStopSec"]
-    assert int(timeout) > 30 + 10  # default shutdown_grace, plus time to flush the usage log
+    assert int(timeout) >= _default_grace() + STOP_AFTER_GRACE + 5  # 5 s for the interpreter's exit
+
+
+def test_docs_give_the_stop_bound_and_a_timeout_that_fits_it() -> None:
+    docs = " ".join(DOCS.read_text().split())
+    [timeout] = _unit_settings()["Service.TimeoutStopSec"]
+    margin = int(timeout) - _default_grace()
+
+    assert f"at most `shutdown_grace` + {STOP_AFTER_GRACE:g} s" in docs
+    assert f"`TimeoutStopSec={timeout}` (`shutdown_grace` + {margin:g})" in docs
+    example = re.search(r"`shutdown_grace: (\d+)` in `lumen.yaml`, .*?`TimeoutStopSec=(\d+)`", docs)
+    assert example is not None
+    assert int(example[2]) - int(example[1]) == margin
 
 
 def test_docs_name_what_the_unit_names() -> None:

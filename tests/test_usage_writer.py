@@ -24,7 +24,7 @@ import pytest
 from lumen_proxy import usagelog
 from lumen_proxy.server import report_stop
 from lumen_proxy.store import UsageRow
-from lumen_proxy.usagelog import quarantine_path
+from lumen_proxy.usagelog import quarantine_path, spill_path
 from tests.conftest import MakeProxy, Proxy, build_config, config_dict, eventually, query
 from tests.fake_upstream import UpstreamServer
 from tests.test_billing import ledger_mismatches
@@ -202,10 +202,12 @@ async def test_a_row_that_would_overflow_a_total_is_quarantined_not_stored_as_a_
 
 
 # -- a stop that cannot write --------------------------------------------------------------------------------
-async def test_close_returns_the_rows_it_could_not_write_within_its_bound(manual: Proxy) -> None:
+async def test_close_spills_the_rows_it_could_not_write_within_its_bound(
+        manual: Proxy, caplog: pytest.LogCaptureFixture) -> None:
     people = await keys(manual, "alice")
     ids = [await chat(manual, people["alice"]) for _ in range(3)]
-    locker = sqlite3.connect(manual.rt.config.database, isolation_level=None)
+    database = manual.rt.config.database
+    locker = sqlite3.connect(database, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # a backup or an admin's shell holding the write lock
     try:
         started = time.monotonic()
@@ -214,11 +216,48 @@ async def test_close_returns_the_rows_it_could_not_write_within_its_bound(manual
     finally:
         locker.rollback()
         locker.close()
-    assert manual.rt.usage.unwritten == 3
+    usage = manual.rt.usage
+    assert (usage.spilled, usage.unwritten, usage.queued) == (3, 0, 0)
     assert committed_ids(manual) == set()
-    assert await manual.rt.usage.close(within=0.5) == 0  # still queued, written once the lock is gone
-    assert committed_ids(manual) == set(ids)
-    assert_books_balance(manual)
+    spilled = [json.loads(line) for line in spill_path(database).read_text().splitlines()]
+    rows = [UsageRow(**entry["row"]) for entry in spilled]  # every field, as recorded
+    assert [r.request_id for r in rows] == ids
+    access_log = usage.access_log
+    assert isinstance(access_log, io.StringIO)
+    assert [r.cost for r in rows] == [round(json.loads(x)["cost"] * 1e6) for x in access_log.getvalue().splitlines()]
+    assert all(r.cost > 0 and r.prompt_tokens > 0 for r in rows)
+    assert stat.S_IMODE(spill_path(database).stat().st_mode) == 0o600
+    caplog.clear()
+    assert report_stop(usage) == 1
+    [record] = caplog.records
+    assert (record.levelno, record.getMessage()) == (logging.ERROR, (
+        f"stopped; 3 usage rows could not be written to the database and were spilled to {spill_path(database)}: "
+        "not lost, the next start bills them (0 rows written)"))
+
+
+async def test_a_spill_that_cannot_be_written_says_the_rows_are_lost_with_counts(
+        manual: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    people = await keys(manual, "alice")
+    await chat(manual, people["alice"])
+    await manual.flush()
+    for _ in range(2):
+        await chat(manual, people["alice"])
+    spill_path(manual.rt.config.database).mkdir()  # not a file: even root cannot append to it
+    locker = sqlite3.connect(manual.rt.config.database, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert await manual.rt.usage.close(within=0.2) == 2
+    finally:
+        locker.rollback()
+        locker.close()
+    assert (manual.rt.usage.spilled, manual.rt.usage.unwritten) == (0, 2)
+    caplog.clear()
+    assert report_stop(manual.rt.usage) == 1
+    [record] = caplog.records
+    assert (record.levelno, record.getMessage()) == (logging.ERROR, (
+        "stopped; 2 usage rows could NOT be written and are lost (not billed; their JSON lines are on stdout): "
+        f"the database refused them and cannot write {spill_path(manual.rt.config.database)}: Is a directory "
+        "(1 rows written)"))
 
 
 async def test_a_stop_after_a_quarantine_is_not_lossy_and_names_the_file(
@@ -255,4 +294,7 @@ def test_readme_states_the_quarantine_file_and_the_stop_bound(tmp_path: Path) ->
     assert quarantine_path(tmp_path / "lumen.db") == tmp_path / "lumen.db.quarantine.jsonl"
     assert "`<database>.quarantine.jsonl` (mode 0600" in readme
     assert f"keeps trying for up to {usagelog.CLOSE_WITHIN:g} s" in readme
-    assert "usage rows could NOT be written and are lost` and exits **1**" in readme
+    assert spill_path(tmp_path / "lumen.db") == tmp_path / "lumen.db.spill.jsonl"
+    assert "`<database>.spill.jsonl` (mode 0600" in readme
+    assert "were spilled to PATH: not lost, the next start bills them` and exits **1**" in readme
+    assert "usage rows could NOT be written and are lost` and exit **1**" in readme
