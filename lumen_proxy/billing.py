@@ -81,6 +81,10 @@ class Wallets:
             else:
                 self.pending.pop(account_id, None)
 
+    def owe(self, account_id: int, amount: int) -> None:
+        """A cost settled elsewhere (a spilled row being replayed) now waits in the usage writer's queue."""
+        self.pending[account_id] = self.pending.get(account_id, 0) + amount
+
     def dropped(self, account_id: int, amount: int) -> None:
         """The usage writer quarantined a row: its settled cost will never be debited, so it leaves
         pending and the balance keeps it (the request is not billed)."""

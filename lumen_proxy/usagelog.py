@@ -389,9 +389,7 @@ class UsageLog:
         fresh = list({r.request_id: r for r in rows if r.request_id not in present}.values())
         for row in fresh:
             if isinstance(row.cost, int) and isinstance(row.account_id, int):  # pending, as the relay left it
-                hold = self.wallets.place_hold(row.account_id, 0)
-                if hold is not None:
-                    self.wallets.settle(hold, row.cost)
+                self.wallets.owe(row.account_id, row.cost)
             self._enqueue(row)
         try:
             await self._flush()
