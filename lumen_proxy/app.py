@@ -91,7 +91,7 @@ async def me(request: web.Request) -> web.Response:
     return _json({
         "account": account.name,
         "coins": to_coins(rt.wallets.settled(account.id)),
-        "coins_held": to_coins(rt.wallets.held.get(account.id, 0)),
+        "coins_held": to_coins(rt.wallets.held_by(account.id)),
         "models": [m.name for m in visible_models(rt.config, account)],
         "limits": dataclasses.asdict(account_limits(rt.config.limits, account)),
         "key_id": principal.key_id,

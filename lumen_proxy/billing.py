@@ -1,16 +1,17 @@
-"""Integer price math (pure) and the in-memory wallets that hold and settle coins.
+"""Integer price math (pure), the :class:`Coins` seam, and :class:`Wallets`, its one-process implementation.
 
 All amounts are micro-coins (int). An account's spendable amount is
 ``balance - pending - held``: ``balance`` is what the database has committed, ``pending`` the
 settled costs still in the usage writer's queue, ``held`` the worst cases of requests in flight.
-Holds are placed and settled without an ``await``, so concurrent requests cannot both see the same
-coins, and a cancelled handler can always settle in its ``finally``.
+In :class:`Wallets` holds are placed and settled without suspending, so concurrent requests cannot
+both see the same coins, and a cancelled handler can always settle in its ``finally``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import MICRO, Price
 
@@ -32,11 +33,41 @@ def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
 class Hold:
     account_id: int
     amount: int
+    hold_id: str = ""  # the request's id: a shared implementation finds (and expires) holds by it
     open: bool = True
 
 
+class Coins(Protocol):
+    """Who may spend what: holds on the way in, settlement on the way out.
+
+    An implementation keeps, for every account, whatever the concurrency and however many servers:
+    - the sum of open holds never exceeds ``balance - pending`` at the moment each was placed
+      (``reserve`` checks and records as one step: two requests can never both take the same coins);
+    - ``settle`` never awaits (the relay calls it in ``finally``, possibly from a cancelled handler),
+      is idempotent, releases the hold and moves the real cost to pending;
+    - pending leaves for the balance only through ``committed`` (the usage writer's commit) or
+      ``dropped`` (a quarantined row), so "ledger = balance" holds once the writer has caught up.
+    """
+
+    async def reserve(self, account_id: int, amount: int, hold_id: str) -> Hold | None:
+        """Hold ``amount`` for request ``hold_id``, or None when it does not fit."""
+        ...
+
+    def settle(self, hold: Hold, actual_cost: int) -> None: ...
+    def available(self, account_id: int) -> int: ...
+    def settled(self, account_id: int) -> int: ...
+    def held_by(self, account_id: int) -> int: ...
+    def load(self, balances: Iterable[tuple[int, int]]) -> None: ...
+    def committed(self, debits: Mapping[int, int]) -> None: ...
+    def dropped(self, account_id: int, amount: int) -> None: ...
+    def owe(self, account_id: int, amount: int) -> None: ...
+
+
 class Wallets:
-    """Balances, pending debits and open holds per account."""
+    """Balances, pending debits and open holds per account, in this process's memory (a :class:`Coins`).
+
+    ``reserve`` never suspends: check and record cannot interleave with another request's.
+    """
 
     def __init__(self) -> None:
         self.balance: dict[int, int] = {}
@@ -53,6 +84,15 @@ class Wallets:
 
     def available(self, account_id: int) -> int:
         return self.settled(account_id) - self.held.get(account_id, 0)
+
+    async def reserve(self, account_id: int, amount: int, hold_id: str) -> Hold | None:
+        hold = self.place_hold(account_id, amount)
+        if hold is not None:
+            hold.hold_id = hold_id
+        return hold
+
+    def held_by(self, account_id: int) -> int:
+        return self.held.get(account_id, 0)
 
     def place_hold(self, account_id: int, amount: int) -> Hold | None:
         """Reserve ``amount`` or return None when it does not fit beside the other open holds."""

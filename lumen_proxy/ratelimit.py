@@ -60,10 +60,13 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 __all__ = [
     "CONCURRENCY_RETRY_AFTER",
+    "Admission",
+    "Limiter",
+    "MemoryLimiter",
     "LimitName",
     "LimitSpec",
     "RateLimiter",
@@ -231,6 +234,11 @@ class Ticket:
         for _, state, seq in self._entries:
             if seq >= 0:
                 state.adjust(seq, actual_tokens)
+
+    def finish(self, actual_tokens: int) -> None:
+        """The request ended: its real tokens replace the estimate, and its slots are freed. Never awaits."""
+        self.reconcile(actual_tokens)
+        self.release()
 
     def release(self) -> None:
         """Free the concurrency slots; idempotent, so it belongs in a ``finally``."""
@@ -470,3 +478,66 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}{fraction}s"
     return f"{secs}{fraction}s"
+
+
+class Admission(Protocol):
+    """An admitted request, as the relay holds it."""
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers as of now."""
+        ...
+
+    def finish(self, actual_tokens: int) -> None:
+        """Replace the token estimate by ``actual_tokens`` and free the concurrency slots; idempotent for
+        the slots, and it never awaits (the relay calls it in ``finally``)."""
+        ...
+
+
+AdmissionT = TypeVar("AdmissionT", bound=Admission)
+
+
+class Limiter(Protocol[AdmissionT]):
+    """Admission against rpm, tpm and concurrency limits, per subject ("key:12", "account:3", ...).
+
+    An implementation keeps the invariants stated in this module's docstring (true sliding window,
+    all-or-nothing admission, exact ``retry_after``), whatever the concurrency and however many
+    servers share it: ``admit`` and ``extend`` check and record as one step.
+    """
+
+    async def admit(self, subjects: Sequence[tuple[str, LimitSpec]], tokens: int,
+                    request_id: str) -> AdmissionT | Refusal:
+        """Count the request against every subject (rpm, its concurrency slot, ``tokens``), or against none."""
+        ...
+
+    async def extend(self, ticket: AdmissionT, subjects: Sequence[tuple[str, LimitSpec]],
+                     tokens: int) -> Refusal | None:
+        """Charge ``tokens`` to an admitted request and admit it on ``subjects`` too; on a refusal nothing changes."""
+        ...
+
+    def sweep(self) -> int:
+        """Forget what no longer matters (idle subjects); never awaits."""
+        ...
+
+
+class MemoryLimiter:
+    """The :class:`Limiter` of one process: :class:`RateLimiter`'s windows behind the async seam.
+
+    Its async methods never suspend (no ``await`` inside), so check-and-record cannot interleave.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, window: float = 60.0) -> None:
+        self.windows = RateLimiter(clock=clock, window=window)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    async def admit(self, subjects: Sequence[tuple[str, LimitSpec]], tokens: int,
+                    request_id: str) -> Ticket | Refusal:
+        return self.windows.admit(subjects, tokens)
+
+    async def extend(self, ticket: Ticket, subjects: Sequence[tuple[str, LimitSpec]],
+                     tokens: int) -> Refusal | None:
+        return self.windows.extend(ticket, subjects, tokens)
+
+    def sweep(self) -> int:
+        return self.windows.sweep()

@@ -42,7 +42,7 @@ from .errors import (
     RequestTimeout,
     UpstreamTimeout,
 )
-from .ratelimit import LimitSpec, Refusal, Ticket
+from .ratelimit import Admission, LimitSpec, Refusal
 from .runtime import RUNTIME, Runtime
 from .sse import SseScanner, StreamTooLarge
 from .store import AccountRow, UsageRow
@@ -148,15 +148,15 @@ def model_subjects(principal: Principal, model: Model) -> list[tuple[str, LimitS
     return [(f"account:{principal.account.id}:{model.name}", model.limits)]
 
 
-def refuse_early(rt: Runtime, principal: Principal) -> Ticket:
+async def refuse_early(rt: Runtime, principal: Principal, request_id: str) -> Admission:
     """Admit on what the key alone tells (its limits, its coins) before a byte of the body is read."""
-    admission = rt.limiter.admit(key_subjects(rt, principal), 0)
+    admission: Admission | Refusal = await rt.limiter.admit(key_subjects(rt, principal), 0, request_id)
     if isinstance(admission, Refusal):
         rt.metrics.rate_limited(NO_MODEL, admission.limit)
         raise RateLimited(admission.message, headers=admission.headers())
     account = principal.account
     if rt.wallets.available(account.id) <= 0 and not any(m.price == FREE for m in visible_models(rt.config, account)):
-        admission.release()
+        admission.finish(0)
         raise InsufficientQuota(NO_COINS, headers=admission.headers())
     return admission
 
@@ -175,12 +175,12 @@ async def relay(request: web.Request) -> web.StreamResponse:
         raise storage
     endpoint = ENDPOINTS[request.path]
     call = Call(request[REQUEST_ID], principal, NO_MODEL, endpoint)  # a row even for a bad body
-    ticket: Ticket | None = None
+    ticket: Admission | None = None
     hold: billing.Hold | None = None
     model: Model | None = None
     rt.metrics.inflight.inc()
     try:
-        ticket = refuse_early(rt, principal)
+        ticket = await refuse_early(rt, principal, call.request_id)
         raw = await read_body(request, body_limit(rt.config, principal.account), rt.config.timeouts.request_body)
         body = parse_body(raw)
         check_fields(body, endpoint)
@@ -194,11 +194,12 @@ async def relay(request: web.Request) -> web.StreamResponse:
             raise PayloadTooLarge(f"Request body is larger than the limit of {model.max_body_bytes / 2**20:.3g} MiB "
                                   f"for `{model.name}`.")
         worst = call.worst = worst_case(body, size, endpoint, model)
-        refusal = rt.limiter.extend(ticket, model_subjects(principal, model), worst.tokens)
+        refusal = await rt.limiter.extend(ticket, model_subjects(principal, model), worst.tokens)
         if refusal is not None:
             rt.metrics.rate_limited(model.name, refusal.limit)
             raise RateLimited(refusal.message, headers=refusal.headers())
-        hold = rt.wallets.place_hold(principal.account.id, billing.cost(model.price, worst.prompt, worst.completion))
+        hold = await rt.wallets.reserve(principal.account.id, billing.cost(model.price, worst.prompt, worst.completion),
+                                        call.request_id)
         if hold is None:
             raise InsufficientQuota(NO_COINS)
         call.estimate = (worst.typical_prompt, 0)
@@ -220,7 +221,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
 
 
 def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | None,
-           ticket: Ticket | None) -> None:
+           ticket: Admission | None) -> None:
     """Settle the hold, reconcile the limiter and record the row. Never awaits."""
     prompt, completion, estimated, capped = tokens_of(call)
     price_cost = billing.cost(model.price, prompt, completion) if model is not None else 0
@@ -229,8 +230,7 @@ def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | No
     else:
         price_cost = 0
     if ticket is not None:
-        ticket.reconcile(prompt + completion)
-        ticket.release()
+        ticket.finish(prompt + completion)
     if capped:
         log.warning("request %s: the backend %s reported usage %s above what the request could produce; "
                     "billed %d prompt + %d completion tokens", call.request_id, call.backend,
@@ -284,7 +284,7 @@ def _details(usage: Any) -> dict[str, Any] | None:
 
 
 async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, body: dict[str, Any],
-                  worst: WorstCase, ticket: Ticket) -> web.StreamResponse:
+                  worst: WorstCase, ticket: Admission) -> web.StreamResponse:
     injected: dict[str, bool] = {}
     endpoint = call.endpoint
 

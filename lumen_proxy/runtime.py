@@ -28,10 +28,10 @@ from aiohttp import web
 
 from .auth import AccessView
 from .backends import BackendPool, HttpClient, check_backends
-from .billing import Wallets
+from .billing import Coins, Wallets
 from .config import Config
 from .metrics import Metrics
-from .ratelimit import RateLimiter
+from .ratelimit import Limiter, MemoryLimiter
 from .store import Store, StoreError
 from .usagelog import UsageLog
 
@@ -49,9 +49,9 @@ class Runtime:
     config: Config
     store: Store
     view: AccessView
-    wallets: Wallets
+    wallets: Coins
     usage: UsageLog
-    limiter: RateLimiter
+    limiter: Limiter[Any]
     pool: BackendPool
     client: HttpClient
     metrics: Metrics
@@ -103,7 +103,7 @@ def _spawn(rt: Runtime, coro: Coroutine[Any, Any, None]) -> None:
     rt.tasks.append(asyncio.get_running_loop().create_task(coro))
 
 
-async def _sweep(limiter: RateLimiter) -> None:
+async def _sweep(limiter: Limiter[Any]) -> None:
     while True:
         await asyncio.sleep(SWEEP_EVERY)
         limiter.sweep()
@@ -164,7 +164,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             view=AccessView(store, wallets, writer_lock, clock=clock),
             usage=UsageLog(store, wallets, writer_lock, interval=usage_interval, access_log=access_log,
                            backlog=config.usage_backlog, clock=monotonic),
-            limiter=RateLimiter(clock=monotonic), pool=pool, client=HttpClient(config.timeouts),
+            limiter=MemoryLimiter(clock=monotonic), pool=pool, client=HttpClient(config.timeouts),
             metrics=Metrics(),
         )
         try:
