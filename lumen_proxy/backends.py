@@ -362,7 +362,9 @@ async def _attempt(pool: BackendPool, model: Model, backend: Backend, dial: Dial
         return None
     except TimeoutError as exc:  # no first byte in time: perhaps a long generation; never sent twice
         pool.failed(backend, "first-byte timeout", ambiguous=True, account=account)
-        raise UpstreamTimeout(f"The backend for `{model.name}` did not answer in time.") from exc
+        # The SDKs would send it twice more to a model already too slow for it: they must not.
+        raise UpstreamTimeout(f"The backend for `{model.name}` did not answer in time.",
+                              headers={"x-should-retry": "false"}) from exc
     except (aiohttp.ClientError, ConnectionError) as exc:  # refused, reset, or not HTTP at all
         pool.failed(backend, type(exc).__name__)
         return None

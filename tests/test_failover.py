@@ -426,6 +426,17 @@ async def test_first_byte_timeout_gives_504(make_proxy: MakeProxy, tmp_path: Pat
     assert error.code == "upstream_timeout"
 
 
+async def test_the_sdk_does_not_send_a_timed_out_request_again(
+        make_proxy: MakeProxy, tmp_path: Path, upstream: UpstreamServer) -> None:
+    """The SDKs retry a 504 twice by default: three times the load on a model already too slow."""
+    proxy, key = await started(make_proxy, make_config(tmp_path, upstream, first_byte=0.2))
+    upstream.state.behavior.first_byte_delay = 1.0
+    with pytest.raises(openai.APIStatusError) as caught:
+        await proxy.sdk(key, max_retries=2).chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert caught.value.status_code == 504 and caught.value.response.headers["x-should-retry"] == "false"
+    assert len(upstream.state.requests) == 1
+
+
 async def test_a_slow_backend_is_not_relieved_by_a_fast_one(
     make_proxy: MakeProxy, tmp_path: Path, upstream: UpstreamServer, upstream2: UpstreamServer
 ) -> None:
