@@ -102,10 +102,11 @@ class Metrics:
         self.tokens = Counter("lumen_tokens", "Tokens billed", ("model", "kind"))
         self.coins = Counter("lumen_coins", "Coins debited", ("model",))
         self.refusals = Counter("lumen_rate_limit_refusals", "Requests refused by a rate limit", ("model", "limit"))
+        self.storage_refusals = Counter("lumen_storage_refusals", "Requests refused because usage cannot be recorded")
         self.inflight = Gauge("lumen_inflight_requests", "Requests in flight")
         self.backend_up = Gauge("lumen_backend_up", "1 when the backend's breaker is closed", ("model", "backend"))
         self.all: tuple[Metric, ...] = (self.requests, self.latency, self.ttfb, self.tokens, self.coins,
-                                        self.refusals, self.inflight, self.backend_up)
+                                        self.refusals, self.storage_refusals, self.inflight, self.backend_up)
 
     def request_done(self, row: UsageRow, account: str) -> None:
         model = (row.model,)

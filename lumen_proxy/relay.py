@@ -172,6 +172,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     principal = await rt.view.identify(request.headers.get("Authorization"))
     storage = rt.usage.refusal()
     if storage is not None:  # fail closed, never a free pass; and no row added to the backlog that waits
+        rt.metrics.storage_refusals.inc()
         raise storage
     endpoint = ENDPOINTS[request.path]
     call = Call(request[REQUEST_ID], principal, NO_MODEL, endpoint)  # a row even for a bad body

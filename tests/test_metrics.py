@@ -203,3 +203,15 @@ async def test_without_an_admin_token_configured_no_remote_client_gets_in(
         status, _, _ = await scrape(origin, {"X-Test-Remote": "10.0.0.8", "Authorization": authorization})
         assert status == 404
 
+
+
+async def test_requests_refused_because_usage_cannot_be_recorded_are_counted(
+        proxy: Proxy, alice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They have no usage row (the backlog must not grow): the metric is where an admin sees them."""
+    from lumen_proxy.errors import StorageUnavailable
+    monkeypatch.setattr(proxy.rt.usage, "refusal", lambda: StorageUnavailable("down", headers={"Retry-After": "5"}))
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError):
+            await proxy.sdk(alice).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    _, _, text = await scrape(proxy.origin)
+    assert value(samples(text), "lumen_storage_refusals_total") == 3
