@@ -266,7 +266,40 @@ class RateLimiter:
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         now = self._clock()
+        states, fits = self._look(subjects, tokens, now - self._window)
+        if not fits:
+            return self._refusal(subjects, states, tokens, now)
+        return Ticket(self._clock, self._window, self._record(subjects, states, tokens, now),
+                      [name for name, _ in subjects])
+
+    def extend(self, ticket: Ticket, subjects: Sequence[tuple[str, LimitSpec]], tokens: int) -> Refusal | None:
+        """Charge ``tokens`` to an admitted request and admit it on ``subjects`` too; all or nothing.
+
+        On a refusal nothing changes: the ticket keeps its slots, its rpm entries and its tokens.
+        """
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        now = self._clock()
         cutoff = now - self._window
+        fits = True
+        for spec, held, seq in ticket._entries:  # already counted: only their tokens can refuse
+            held.expire(cutoff)
+            if spec.tpm and held.token_sum - held.tokens_of(seq) + tokens > spec.tpm:
+                fits = False
+        states, fits_new = self._look(subjects, tokens, cutoff)
+        if not (fits and fits_new):
+            charged = [(name, LimitSpec(tpm=spec.tpm))
+                       for name, (spec, _, _) in zip(ticket._names, ticket._entries, strict=True)]
+            charged_states: list[_Subject | None] = [entry[1] for entry in ticket._entries]
+            return self._refusal([*charged, *subjects], [*charged_states, *states], tokens, now)
+        ticket.reconcile(tokens)
+        ticket._entries += self._record(subjects, states, tokens, now)
+        ticket._names += [name for name, _ in subjects]
+        return None
+
+    def _look(self, subjects: Sequence[tuple[str, LimitSpec]], tokens: int,
+              cutoff: float) -> tuple[list[_Subject | None], bool]:
+        """Each subject's state (None: never seen) and whether the request fits all of their limits."""
         known = self._subjects
         states: list[_Subject | None] = []
         fits = True
@@ -283,8 +316,12 @@ class RateLimiter:
                 or (spec.tpm and state.token_sum + tokens > spec.tpm)
             ):
                 fits = False
-        if not fits:
-            return self._refusal(subjects, states, tokens, now)
+        return states, fits
+
+    def _record(self, subjects: Sequence[tuple[str, LimitSpec]], states: list[_Subject | None], tokens: int,
+                now: float) -> list[tuple[LimitSpec, _Subject, int]]:
+        """Count the request against every subject (its window entry and its concurrency slot)."""
+        known = self._subjects
         entries: list[tuple[LimitSpec, _Subject, int]] = []
         for (name, spec), maybe in zip(subjects, states, strict=True):
             if maybe is None:
@@ -296,52 +333,7 @@ class RateLimiter:
             state.in_flight += 1
             state.last = now
             entries.append((spec, state, seq))
-        return Ticket(self._clock, self._window, entries, [name for name, _ in subjects])
-
-    def extend(self, ticket: Ticket, subjects: Sequence[tuple[str, LimitSpec]], tokens: int) -> Refusal | None:
-        """Charge ``tokens`` to an admitted request and admit it on ``subjects`` too; all or nothing.
-
-        On a refusal nothing changes: the ticket keeps its slots, its rpm entries and its tokens.
-        """
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        now = self._clock()
-        cutoff = now - self._window
-        fits = True
-        for spec, held, seq in ticket._entries:  # already counted: only their tokens can refuse
-            held.expire(cutoff)
-            if spec.tpm and held.token_sum - held.tokens_of(seq) + tokens > spec.tpm:
-                fits = False
-        known = self._subjects
-        states: list[_Subject | None] = []
-        for name, spec in subjects:
-            state = known.get(name)
-            states.append(state)
-            if state is None:
-                fits = fits and not (spec.tpm and tokens > spec.tpm)
-                continue
-            state.expire(cutoff)
-            if ((spec.concurrency and state.in_flight >= spec.concurrency) or (spec.rpm and state.count >= spec.rpm)
-                    or (spec.tpm and state.token_sum + tokens > spec.tpm)):
-                fits = False
-        if not fits:
-            charged = [(name, LimitSpec(tpm=spec.tpm))
-                       for name, (spec, _, _) in zip(ticket._names, ticket._entries, strict=True)]
-            charged_states: list[_Subject | None] = [entry[1] for entry in ticket._entries]
-            return self._refusal([*charged, *subjects], [*charged_states, *states], tokens, now)
-        ticket.reconcile(tokens)
-        for (name, spec), maybe in zip(subjects, states, strict=True):
-            if maybe is None:
-                state = known[name] = _Subject()
-            else:
-                state = maybe
-                known.move_to_end(name)
-            seq = state.record(now, tokens) if spec.rpm or spec.tpm else -1
-            state.in_flight += 1
-            state.last = now
-            ticket._entries.append((spec, state, seq))
-            ticket._names.append(name)
-        return None
+        return entries
 
     def sweep(self) -> int:
         """Forget subjects with nothing in the window and nothing in flight; return how many."""
