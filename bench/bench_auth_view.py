@@ -5,8 +5,8 @@
 Builds a database with 1,000 accounts and 5,000 keys, then times, in one run:
 - ``view``: ``AccessView.authenticate`` (SHA-256 of the key + two dict lookups), what the server does;
 - ``sqlite``: the same lookup as one aiosqlite query per request (what the view avoids);
-- ``poll``: one ``PRAGMA data_version`` through aiosqlite, which the server runs every 0.25 s to
-  notice admin changes (so its cost is per quarter second, not per request).
+- ``poll``: one ``PRAGMA data_version`` (``SqliteStore.generation``) through aiosqlite, which the
+  server runs every 0.25 s to notice admin changes (so its cost is per quarter second, not per request).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lumen_proxy.auth import AccessView  # noqa: E402
 from lumen_proxy.billing import Wallets  # noqa: E402
 from lumen_proxy.keys import hash_key  # noqa: E402
-from lumen_proxy.store import Store  # noqa: E402
+from lumen_proxy.sqlite_store import SqliteStore  # noqa: E402
 
 ACCOUNTS, KEYS_PER_ACCOUNT, ROUNDS = 1000, 5, 20_000
 
@@ -42,7 +42,7 @@ async def per_call_us(fn: object, rounds: int) -> float:
 
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = await Store.open(Path(tmp) / "lumen.db")
+        store = await SqliteStore.open(Path(tmp) / "lumen.db")
         keys = []
         for a in range(ACCOUNTS):
             await store.add_account(f"acct{a:04d}", 1_000_000)
@@ -63,7 +63,7 @@ async def main() -> None:
 
         view_us = await per_call_us(lambda: view.authenticate(header), ROUNDS)
         sqlite_us = await per_call_us(sqlite_lookup, ROUNDS // 10)
-        poll_us = await per_call_us(store.data_version, ROUNDS // 10)
+        poll_us = await per_call_us(store.generation, ROUNDS // 10)
         await store.close()
     print(f"{len(keys):,} keys in {ACCOUNTS:,} accounts")
     print("| lookup | per call (µs) |\n|---|---|")

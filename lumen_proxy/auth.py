@@ -1,13 +1,14 @@
 """Who is calling, and which models they may use.
 
-Keys and accounts are served from an in-memory view; SQLite is off the request path. The view is
-reloaded when ``PRAGMA data_version`` moves (another connection, i.e. the admin CLI, committed),
-polled every ``POLL`` seconds, so an admin change takes effect within a second. A key the view does
-not know gets one more look before its 401 (:meth:`AccessView.identify`), so a key works the moment
-``keys create`` returns; those looks are coalesced and spaced ``MISS_SPACING`` apart, so a flood of
-unknown keys costs SQLite at most one cheap ``data_version`` read per spacing. If the database
-cannot be read for longer than ``STALE_AFTER`` the view is no longer trusted and callers get 503,
-never 401: a client treats 401 as "my key is wrong".
+Keys and accounts are served from an in-memory view; storage is off the request path. The view
+follows the store's change feed (:meth:`.store.Store.changes`, a look every ``POLL`` seconds) and
+reloads when its generation moves (another writer, i.e. the admin CLI, committed), so an admin change
+takes effect within a second. A key the view does not know gets one more look before its 401
+(:meth:`AccessView.identify`), so a key works the moment ``keys create`` returns; those looks are
+coalesced and spaced ``MISS_SPACING`` apart, so a flood of unknown keys costs the store at most one
+cheap :meth:`~.store.Store.generation` read per spacing. If the store cannot be read for longer than
+``STALE_AFTER`` the view is no longer trusted and callers get 503, never 401: a client treats 401 as
+"my key is wrong".
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .billing import Wallets
+from .billing import Coins
 from .config import Config, Model
 from .errors import InvalidKey, ModelNotAllowed, ModelNotFound, StorageUnavailable
 from .keys import hash_key
 from .ratelimit import LimitSpec
-from .store import AccountRow, KeyRow, Store
+from .store import AccountRow, KeyRow, StorageFailure, Store
 
 log = logging.getLogger("lumen_proxy")
 POLL = 0.25
@@ -52,39 +53,56 @@ def bearer_token(header: str | None) -> str | None:
 class AccessView:
     """The in-memory copy of keys and accounts, plus the loop that keeps it fresh."""
 
-    def __init__(self, store: Store, wallets: Wallets, lock: asyncio.Lock,
+    def __init__(self, store: Store, wallets: Coins, lock: asyncio.Lock,
                  *, clock: Callable[[], float] = time.time) -> None:
         self.store, self.wallets, self.lock, self.clock = store, wallets, lock, clock
         self.keys: dict[str, KeyRow] = {}
         self.accounts: dict[int, AccountRow] = {}
-        self._version: int | None = None
+        self._generation: int | None = None  # the store's, as of the view's last reload
         self._fresh_at = 0.0  # monotonic time of the last successful check
         self._miss_lock = asyncio.Lock()
         self._looked_at = -MISS_SPACING  # monotonic time the last look for an unknown key started
 
     async def reload(self) -> None:
+        await self._reload(await self.store.generation())
+
+    async def _reload(self, generation: int) -> None:
         async with self.lock:  # never between a usage commit and its wallet update
-            version = await self.store.data_version()
             accounts, keys = await self.store.load_view()
             self.accounts = {a.id: a for a in accounts}
             self.keys = {k.hash: k for k in keys}
             self.wallets.load((a.id, a.balance) for a in accounts)
-            self._version = version
+            self._generation = generation
         self._fresh_at = time.monotonic()
 
     async def refresh(self) -> None:
-        """Reload only when another connection has committed since the last look."""
-        if self._version is None or await self.store.data_version() != self._version:
-            await self.reload()
+        """Reload only when another writer has committed since the last look."""
+        await self._follow(await self.store.generation())
+
+    async def _follow(self, generation: int) -> None:
+        if generation != self._generation:
+            await self._reload(generation)
         self._fresh_at = time.monotonic()
 
     async def run(self) -> None:
+        """Follow the store's change feed; a feed that ends by an error is logged and started again."""
         while True:
-            await asyncio.sleep(POLL)
             try:
-                await self.refresh()
-            except Exception as exc:  # keep serving from the view; stale_for() decides when to stop
-                log.error("cannot read the database to refresh keys and accounts: %s", exc)
+                async for seen in self.store.changes(POLL):
+                    await self._take(seen)
+            except Exception as exc:
+                log.error("the change feed of keys and accounts stopped (restarting it): %s", exc)
+            await asyncio.sleep(POLL)
+
+    async def _take(self, seen: int | StorageFailure) -> None:
+        """One look of the feed: reload if the generation moved; a failure is logged, the view kept."""
+        if isinstance(seen, StorageFailure):
+            _cannot_refresh(seen)
+            return
+        try:
+            await self._follow(seen)
+        except Exception as exc:  # keep serving from the view; is_stale() decides when to stop
+            _cannot_refresh(exc)
 
     async def identify(self, authorization: str | None) -> Principal:
         """:meth:`authenticate`, looking at the database once more before calling a key unknown."""
@@ -95,7 +113,7 @@ class AccessView:
             return self.authenticate(authorization)
 
     async def _look_again(self) -> None:
-        """Reload if the CLI committed since: one look at a time, joined by every miss that came before it."""
+        """Reload if another writer committed since: one look at a time, joined by every miss that came before it."""
         asked = time.monotonic()
         async with self._miss_lock:
             if self._looked_at >= asked:  # a look that started after this miss has seen what it needs
@@ -110,7 +128,7 @@ class AccessView:
                 log.debug("cannot look for a new key: %s", exc)
 
     def is_stale(self) -> bool:
-        return self._version is None or time.monotonic() - self._fresh_at > STALE_AFTER
+        return self._generation is None or time.monotonic() - self._fresh_at > STALE_AFTER
 
     def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
@@ -131,6 +149,10 @@ class AccessView:
             raise ModelNotAllowed(f"The account {account.name!r} is disabled. Contact your administrator.",
                                   code="account_disabled")
         return Principal(key.id, account)
+
+
+def _cannot_refresh(exc: Exception) -> None:
+    log.error("cannot read the database to refresh keys and accounts: %s", exc)
 
 
 def _redact(token: str) -> str:

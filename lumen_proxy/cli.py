@@ -2,10 +2,10 @@
 
 Each subcommand is a few lines over the functions that own the work. Bad input prints one line on
 stderr and exits non-zero (2 for usage/config errors, 1 for a refused operation), changing nothing.
-Admin commands work while the server runs: SQLite WAL lets them write beside it, and the server
-picks their changes up within a second. A database another connection keeps locked makes a command
-wait ``store.BUSY_TIMEOUT`` seconds at most, then print one line and exit 1 (never a traceback):
-every SQLite error is turned into one line here.
+Admin commands work while the server runs: they write through their own store beside it, and
+the server picks their changes up within a second. A database another connection keeps locked makes
+a command wait ``store.BUSY_TIMEOUT`` seconds at most, then print one line and exit 1 (never a
+traceback): every storage failure is turned into one line here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import csv
 import json
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -24,7 +23,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, find_config_path, load_config
-from .store import AccountRow, KeyRow, Store, StoreError, parse_utc, storage_problem, utc_day
+from .store import AccountRow, KeyRow, StorageFailure, Store, StoreError, parse_utc, store_for, utc_day
 
 
 class CliError(Exception):
@@ -40,7 +39,7 @@ def coins_text(micro: int) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-MAX_COINS = 10**9  # per command: keeps every balance far inside SQLite's 64-bit INTEGER
+MAX_COINS = 10**9  # per command: keeps every balance far inside the store's 64-bit integers
 
 
 def parse_coins(text: str) -> int:
@@ -259,11 +258,12 @@ def load(args: argparse.Namespace, *, require_env: bool = True) -> Config:
 
 async def run_admin(command: AdminCommand, args: argparse.Namespace) -> None:
     config = load(args, require_env=False)
-    store = await Store.open(config.database)
+    store = store_for(config.database)
+    await store.connect()
     try:
         await command(store, config, args)
-    except sqlite3.Error as exc:  # locked for longer than the busy timeout, disk full, read-only...
-        raise CliError(storage_problem(config.database, exc, doing="use")) from None
+    except StorageFailure as exc:  # locked for longer than the busy timeout, disk full, read-only...
+        raise CliError(exc.problem(doing="use")) from None
     finally:
         await store.close()
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .runtime import Runtime
-from .store import StoreError
+from .store import NoSuchRecord
 
 log = logging.getLogger("lumen_proxy")
 DEMO_ACCOUNT = "demo"
@@ -34,7 +34,7 @@ async def bootstrap_demo(rt: Runtime) -> None:
     key_file = demo_key_path(rt.config.database)
     try:
         await rt.store.account(DEMO_ACCOUNT)
-    except StoreError:
+    except NoSuchRecord:
         await rt.store.add_account(DEMO_ACCOUNT, DEMO_COINS)
         key, _row = await rt.store.create_key(DEMO_ACCOUNT, label="demo")
         _write_secret(key_file, key)

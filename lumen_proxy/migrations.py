@@ -1,7 +1,9 @@
-"""Append-only schema migrations; ``PRAGMA user_version`` records how many have run.
+"""The SQLite schema: append-only migrations, recorded by name as they run (``sqlite_store.migrate``).
 
-Never edit a shipped migration: add a new one. Opening an older database applies the missing ones in
-one transaction each; a database newer than this program is refused (see ``store.open_db``).
+Never edit or rename a shipped migration: add a new one. Opening an older database applies the
+missing ones in one transaction each; a database that records a name this list lacks (or, from before
+the names, a ``PRAGMA user_version`` above its length) is newer than this program and refused.
+Another engine keeps its own list.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Everything a running server holds, built and torn down in one place.
 
-``open_runtime`` is used as an aiohttp cleanup context: it takes the one-server-per-database lock,
-opens and migrates the store, proves the database can be written (a committed heartbeat: a database
-that cannot be written refuses the start with one line, as :class:`StoreError`), replays the usage
-rows a previous stop spilled, loads the key/account view, and starts the background tasks (view
-refresh, usage writer, limiter sweep, active health checks). Nothing is served before those rows are
-billed. On the way out it stops the tasks and flushes the usage log; the rows it could not write
-are spilled for the next start (``UsageLog.spilled``) or, if even that fails, lost
+:func:`shared_state` is the one factory that picks the implementations of what several servers
+would share (today always the SQLite store, coins and rate limits in this process's memory).
+``open_runtime`` is used as an aiohttp cleanup context: it claims the store (one server per store),
+connects it (opening and migrating), proves it can be written (a committed heartbeat: a store that
+cannot be written refuses the start with one line, as :class:`StoreError`), replays the usage rows a
+previous stop spilled, loads the key/account view, and starts the background tasks (view refresh,
+usage writer, limiter sweep, active health checks). Nothing is served before those rows are billed.
+On the way out it stops the tasks and flushes the usage log; the rows it could not write are
+spilled for the next start (``UsageLog.spilled``) or, if even that fails, lost
 (``UsageLog.unwritten``); either way the server then exits 1.
 """
 
@@ -14,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import IO, Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -32,16 +30,27 @@ from .billing import Coins, Wallets
 from .config import Config
 from .metrics import Metrics
 from .ratelimit import Limiter, MemoryLimiter
-from .store import Store, StoreError
-from .usagelog import UsageLog
+from .store import ServerLocked as ServerLocked  # server.py imports it from here
+from .store import StorageFailure, Store, StoreError, store_for
+from .usagelog import UsageLog, quarantine_path, spill_path
 
 log = logging.getLogger("lumen_proxy")
 SWEEP_EVERY = 30.0
 START_CHECK_WITHIN = 2.0  # seconds the start's write check waits for another connection's write lock
 
 
-class ServerLocked(Exception):
-    """Another lumen-proxy server already serves this database."""
+class SharedState(NamedTuple):
+    """What several servers of one deployment would share; each part behind its seam."""
+
+    store: Store
+    coins: Coins
+    limiter: Limiter[Any]
+
+
+def shared_state(config: Config, *, monotonic: Callable[[], float] = time.monotonic) -> SharedState:
+    """The implementations ``config`` selects: today always SQLite (``database`` is a file path) and
+    this process's memory for coins and limits. Nothing is opened yet."""
+    return SharedState(store_for(config.database), Wallets(), MemoryLimiter(clock=monotonic))
 
 
 @dataclass
@@ -80,25 +89,6 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 
 
-def lock_database(path: Path) -> IO[str]:
-    """Hold an exclusive lock on ``<database>.lock`` for the life of the server (CLI commands skip it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(f"{path}.lock", "a+")  # noqa: SIM115 - held open until the server stops
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ServerLocked(
-            f"another lumen-proxy server is already running on {path}: limits and coin holds live in "
-            "one process's memory, so only one server may serve a database"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
 def _spawn(rt: Runtime, coro: Coroutine[Any, Any, None]) -> None:
     rt.tasks.append(asyncio.get_running_loop().create_task(coro))
 
@@ -123,17 +113,19 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
                  on_ready: Callable[[Runtime], Coroutine[Any, Any, None]] | None = None,
                  ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def open_runtime(app: web.Application) -> AsyncIterator[None]:
-        lock = lock_database(config.database)
+        shared = shared_state(config, monotonic=monotonic)
+        store = shared.store
+        claim = await store.claim()
         try:
-            store = await Store.open(config.database)
-        except StoreError:
-            lock.close()
+            await store.connect()
+        except BaseException:
+            await claim.release()
             raise
         try:
-            rt = await _start(store)
+            rt = await _start(shared)
         except BaseException:
             await store.close()
-            lock.close()
+            await claim.release()
             raise
         app[RUNTIME] = rt
         try:
@@ -149,12 +141,15 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             await rt.usage.close()
             await rt.client.close()
             await store.close()
-            lock.close()
+            await claim.release()
 
-    async def _start(store: Store) -> Runtime:
-        """Everything before serving; a database problem is one :class:`StoreError` line."""
-        await store.check_writable(within=START_CHECK_WITHIN)
-        wallets = Wallets()
+    async def _start(shared: SharedState) -> Runtime:
+        """Everything before serving; a storage problem is one :class:`StoreError` line."""
+        store, wallets = shared.store, shared.coins
+        try:
+            await store.check_writable(within=START_CHECK_WITHIN)
+        except StorageFailure as exc:
+            raise StoreError(exc.problem()) from None
         writer_lock = asyncio.Lock()
         pool = BackendPool(clock=monotonic)
         pool.breaker = config.breaker
@@ -163,8 +158,9 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             config=config, store=store, wallets=wallets,
             view=AccessView(store, wallets, writer_lock, clock=clock),
             usage=UsageLog(store, wallets, writer_lock, interval=usage_interval, access_log=access_log,
+                           quarantine=quarantine_path(config.database), spill=spill_path(config.database),
                            backlog=config.usage_backlog, clock=monotonic),
-            limiter=MemoryLimiter(clock=monotonic), pool=pool, client=HttpClient(config.timeouts),
+            limiter=shared.limiter, pool=pool, client=HttpClient(config.timeouts),
             metrics=Metrics(),
         )
         try:
@@ -172,7 +168,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             await rt.view.reload()
             if on_ready is not None:
                 await on_ready(rt)
-        except sqlite3.Error as exc:
+        except StorageFailure as exc:
             await rt.client.close()
             raise StoreError(f"cannot use the database {config.database}: {exc}") from None
         except BaseException:

@@ -1,62 +1,75 @@
-"""All SQL lives here: opening and migrating the database, admin operations, the usage batch, reports.
+"""What Lumen keeps, whatever keeps it: the :class:`Store` protocol, its rows and its errors.
 
-Invariant kept by every write: for each account,
-``sum(ledger.amount) - sum(usage.cost) == accounts.balance`` (all integers, micro-coins), because a
-ledger row and its balance change, or a batch of usage rows and their debits, share one transaction.
-A usage row fits the schema only if each of its INTEGER values is an int in 0..2**63-1
-(:func:`usage_row_problem` says why not), and a batch whose debits or daily totals would leave
-SQLite's 64-bit integers fails as a whole (a NOT NULL error, never a silent REAL): SQLite would
-otherwise turn an overflowing sum into an inexact float.
+:class:`Store` is the one way the rest of Lumen reaches accounts, keys, coins and the usage log;
+``sqlite_store.SqliteStore`` is its implementation (the zero-setup default), and
+``tests/conformance`` the tests every implementation passes. Nothing here names an engine: a foreign
+error (``sqlite3.*``...) is mapped to this module's error tree inside the implementation, in one place.
 
-Storage fails closed: :meth:`Store.check_writable` commits a heartbeat before a server serves (a
-database it cannot write refuses the start), and :func:`storage_problem` turns SQLite's errors into
-one line for an operator. Reports read committed data only: they run on a read-only connection of
-their own, never inside (nor waiting for) the usage writer's transaction on the main connection.
+    StoreError                one line for a user or an operator; nothing changed
+    ├── NoSuchRecord          no account or key by that name or id
+    ├── ServerLocked          :meth:`Store.claim`: another server already serves this store
+    ├── StorageFailure        the storage cannot do it now (busy, disk full, I/O, read-only, closed): retry later
+    └── StoreDataError        :meth:`Store.write_batch`: a value in the batch cannot be stored, however often retried
+
+Invariant every implementation keeps, after every commit, for each account (integers, micro-coins):
+``sum(ledger.amount) - sum(usage.cost) == balance``, because a ledger entry and its balance change,
+or a batch of usage rows and their debits, commit together or not at all.
+A usage row fits only if each of its integer values is an int in 0..2**63-1 (:func:`usage_row_problem`
+says why not); a batch whose debits or daily totals would leave 64-bit integers fails as a whole
+(:class:`StoreDataError`), never stored inexactly.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
-import os
-import sqlite3
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import aiosqlite
-
-from .keys import hash_key, looks_like_key, new_key, visible_prefix
-from .migrations import MIGRATIONS, SCHEMA_VERSION
-
-BUSY_TIMEOUT = 5.0  # seconds a statement waits for another connection's write lock before "database is locked"
+BUSY_TIMEOUT = 5.0  # seconds a write waits for another writer's lock before failing as busy
 
 
 class StoreError(Exception):
-    """A user-facing problem (unknown account, duplicate name...): one line, nothing changed."""
+    """A problem the store reports (unknown account, duplicate name...): one line, nothing changed."""
 
 
-def is_locked(exc: BaseException) -> bool:
-    """SQLite gave up waiting for another connection's lock (SQLITE_BUSY)."""
-    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+class NoSuchRecord(StoreError):
+    """No account or key by that name or id."""
 
 
-def storage_problem(path: Path | str | None, exc: BaseException, *, waited: float = BUSY_TIMEOUT,
-                    doing: str = "write") -> str:
-    """One line for an operator: what SQLite said about the database ``path``, and what it means."""
-    if is_locked(exc):
-        return (f"cannot write the database {path}: another connection held its write lock for over {waited:g} s "
-                "(a long transaction, an open sqlite3 shell?); try again")
-    return f"cannot {doing} the database {path}: {exc}"
+class ServerLocked(StoreError):
+    """Another lumen-proxy server already serves this store (:meth:`Store.claim`)."""
+
+
+class StorageFailure(StoreError):
+    """The storage could not do it now (another writer kept it busy, disk full, I/O, read-only, closed):
+    nothing changed, and the same call may succeed later.
+
+    ``str()`` is what the storage said (for logs); :meth:`problem` the one line for an operator.
+    ``busy`` says, when another writer held the lock past the wait, for how long and what to look for.
+    """
+
+    def __init__(self, message: str, *, where: str = "", busy: str | None = None) -> None:
+        super().__init__(message)
+        self.where, self.busy = where, busy
+
+    def problem(self, doing: str = "write") -> str:
+        """``cannot <doing> the database <where>: ...``, one line."""
+        if self.busy is not None:
+            return f"cannot write the database {self.where}: {self.busy}; try again"
+        return f"cannot {doing} the database {self.where}: {self}"
+
+
+class StoreDataError(StoreError):
+    """A value in a usage batch cannot be stored: the same rows fail however often they are retried."""
 
 
 @dataclass(frozen=True, slots=True)
 class AccountRow:
+
     id: int
     name: str
     models: tuple[str, ...] | None
@@ -104,14 +117,14 @@ class UsageRow:
     details: dict[str, Any] | None = field(default=None)
 
 
-SQLITE_INT_MAX = 2**63 - 1
-_INT_FIELDS = (("prompt_tokens", SQLITE_INT_MAX), ("completion_tokens", SQLITE_INT_MAX), ("cost", SQLITE_INT_MAX),
-               ("status", 999), ("account_id", SQLITE_INT_MAX), ("key_id", SQLITE_INT_MAX))
+INT64_MAX = 2**63 - 1  # the largest integer every engine stores exactly (SQLite INTEGER, SQL BIGINT)
+_INT_FIELDS = (("prompt_tokens", INT64_MAX), ("completion_tokens", INT64_MAX), ("cost", INT64_MAX),
+               ("status", 999), ("account_id", INT64_MAX), ("key_id", INT64_MAX))
 
 
 def usage_row_problem(row: UsageRow) -> str | None:
     """Why ``row`` cannot go into the usage table (an INTEGER value that is not an int in range), or None."""
-    r, top = row, SQLITE_INT_MAX  # every request passes here: the common case 3x faster than the loop below
+    r, top = row, INT64_MAX  # every request passes here: the common case 3x faster than the loop below
     if (type(r.prompt_tokens) is int and type(r.completion_tokens) is int and type(r.cost) is int
             and type(r.status) is int and type(r.account_id) is int and type(r.key_id) is int
             and 0 <= r.prompt_tokens <= top and 0 <= r.completion_tokens <= top and 0 <= r.cost <= top
@@ -131,7 +144,7 @@ class UsageBatch:
 
     Preparing each row when its request ends spreads the work evenly; preparing a whole batch at
     flush time stalled the event loop for milliseconds every flush (seen as a p99 spike). The rows
-    themselves stay in ``usage`` so that a batch SQLite refuses can be split (:meth:`split`).
+    themselves stay in ``usage`` so that a batch the store refuses can be split (:meth:`split`).
     """
 
     __slots__ = ("usage", "rows", "debits", "daily", "last_used")
@@ -152,6 +165,10 @@ class UsageBatch:
         """Two halves, in order (a batch of one row cannot be split)."""
         middle = len(self.usage) // 2
         return UsageBatch(self.usage[:middle]), UsageBatch(self.usage[middle:])
+
+    def without(self, request_ids: set[str]) -> UsageBatch:
+        """The rows whose request id is not in ``request_ids``, with their own debits and totals."""
+        return UsageBatch(r for r in self.usage if r.request_id not in request_ids)
 
     def add(self, r: UsageRow) -> None:
         """Prepare ``r``; if that raises (a value it cannot convert), the batch is left as it was."""
@@ -177,49 +194,6 @@ class UsageBatch:
             self.last_used[r.key_id] = r.time
 
 
-def _exact(expression: str) -> str:
-    """``expression`` if SQLite computes it as an integer, else NULL: on overflow SQLite returns an
-    inexact REAL, and NULL in these NOT NULL columns makes the statement fail instead."""
-    return f"CASE WHEN typeof({expression}) = 'integer' THEN {expression} END"
-
-
-_INSERT_USAGE = (
-    "INSERT INTO usage (request_id, time, account_id, key_id, model, backend, endpoint, status, prompt_tokens,"
-    " completion_tokens, cost, estimated, partial, capped, duration_ms, ttfb_ms, details)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_DEBIT = f"UPDATE accounts SET balance = {_exact('balance - ?1')} WHERE id = ?2"
-_ADD_DAILY = (
-    "INSERT INTO usage_daily (day, account_id, model, key_id, requests, errors, prompt_tokens, completion_tokens,"
-    " cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, account_id, model, key_id) DO UPDATE SET "
-    + ", ".join(f"{c} = {_exact(f'{c} + excluded.{c}')}"
-                for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost"))
-)
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """True when writing a batch failed because of a value in it (the same rows fail again however
-    often they are retried); False for the database's own state (OperationalError: locked, disk full,
-    I/O, read-only) and for a closed connection (aiosqlite's plain ValueError), worth retrying later."""
-    if isinstance(exc, sqlite3.ProgrammingError):  # also "closed database": only a bad binding is data
-        return str(exc).startswith("Error binding parameter")
-    return isinstance(exc, sqlite3.IntegrityError | sqlite3.InterfaceError | sqlite3.DataError
-                      | OverflowError | UnicodeError | TypeError)
-
-
-_ACCOUNT_COLS = "id, name, models, enabled, created_at, balance, rpm, tpm, concurrency"
-_KEY_COLS = "id, account_id, hash, prefix, label, created_at, last_used_at, expires_at, revoked_at"
-
-
-def _account(row: Sequence[Any]) -> AccountRow:
-    models = tuple(json.loads(row[2])) if row[2] is not None else None
-    return AccountRow(row[0], row[1], models, bool(row[3]), row[4], row[5], row[6], row[7], row[8])
-
-
-def _key(row: Sequence[Any]) -> KeyRow:
-    return KeyRow(*row)
-
-
 def parse_utc(text: str) -> float:
     """``YYYY-MM-DD`` (00:00 UTC) or an ISO 8601 time (UTC unless it says otherwise) -> Unix time.
 
@@ -239,337 +213,134 @@ def _day_name(day_number: int) -> str:
     return datetime.fromtimestamp(day_number * 86400, UTC).strftime("%Y-%m-%d")
 
 
-async def open_db(path: Path) -> aiosqlite.Connection:
-    """Open (creating if needed) and migrate the database; refuse one newer than this program."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"cannot open database {path}: {exc}") from None
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = NORMAL")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        await migrate(conn, path)
-    except sqlite3.Error as exc:
-        await conn.close()
-        raise StoreError(f"cannot use database {path}: {exc}") from None
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
+class Claim(Protocol):
+    """Proof that this server is the one serving the store, until :meth:`release`."""
+
+    async def release(self) -> None: ...
 
 
-async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> int:
-    """Apply missing migrations; return the number applied."""
-    async with conn.execute("PRAGMA user_version") as cur:
-        row = await cur.fetchone()
-    version = int(row[0]) if row else 0
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{path} has schema version {version}, newer than this lumen-proxy understands "
-            f"({SCHEMA_VERSION}): upgrade lumen-proxy, or restore a backup made by this version"
-        )
-    for number in range(version, SCHEMA_VERSION):
-        _name, sql = MIGRATIONS[number]
-        try:  # one transaction per migration, its version bump included
-            await conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number + 1};\nCOMMIT;")
-        except BaseException:
-            if conn.in_transaction:
-                await conn.rollback()
-            raise
-    return SCHEMA_VERSION - version
+class Store(Protocol):
+    """Accounts, keys, coins and the usage log; every implementation keeps, and tests/conformance checks:
 
+    - ledger = balance (the module docstring), after every commit, whoever commits;
+    - :meth:`write_batch` is ONE transaction, all or nothing, and idempotent per request id: a row
+      whose request id the usage log already holds is skipped with its debit, so a batch retried after
+      a lost reply (committed, but the caller saw a failure) charges nothing twice;
+    - :meth:`changes`: every commit by another writer (another Store on the same storage: the admin
+      CLI, another server) becomes visible within the poll interval;
+    - :meth:`claim`: at most one server per store at a time;
+    - only this module's errors leave a method: :class:`NoSuchRecord` for a missing account or key,
+      :class:`StorageFailure` when the storage cannot do it now, :class:`StoreDataError` for a batch
+      value it refuses, :class:`StoreError` for any other refusal (a duplicate name...).
+    """
 
-def _read_only_uri(path: Path) -> str:
-    return f"{Path(os.path.abspath(path)).as_uri()}?mode=ro"
+    # -- life: claim (servers only), connect, close ---------------------------------------------------------
+    async def claim(self) -> Claim:
+        """Become the one server of this store until the claim is released (or the process ends), or
+        raise :class:`ServerLocked`: at most one server per store at a time, since limits and holds
+        live in a server's memory. Admin commands do not claim: they write beside the server."""
+        ...
 
+    async def connect(self) -> None:
+        """Open the storage and apply the migrations it lacks (recorded by name); refuse, with one
+        :class:`StoreError` line, storage that cannot be opened or is newer than this program."""
+        ...
 
-async def open_reader(path: Path) -> aiosqlite.Connection:
-    """A read-only connection: in WAL mode it sees the last commit, never a transaction in progress."""
-    conn = await aiosqlite.connect(_read_only_uri(path), uri=True, isolation_level=None)
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
-
-
-class Store:
-    """Typed operations over one aiosqlite connection (aiosqlite serialises them on its thread), and
-    reports over a read-only one opened on first use."""
-
-    def __init__(self, conn: aiosqlite.Connection, path: Path | None = None) -> None:
-        self.conn = conn
-        self.path = path  # the database file, when opened from one
-        # aiosqlite orders statements, not transactions: two BEGINs on one connection must queue.
-        self._tx_lock = asyncio.Lock()
-        self._reader: aiosqlite.Connection | None = None
-        self._reader_lock = asyncio.Lock()
-
-    @classmethod
-    async def open(cls, path: Path) -> Store:
-        return cls(await open_db(path), path)
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
-        await self.conn.close()
-
-    @contextlib.asynccontextmanager
-    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The connection reports read on: the read-only one; without a file (a bare connection handed
-        in), the main one, but only between transactions, so a report never sees uncommitted rows."""
-        if self.path is None:
-            async with self._tx_lock:
-                yield self.conn
-            return
-        async with self._reader_lock:
-            if self._reader is None:
-                self._reader = await open_reader(self.path)
-        yield self._reader
+    async def close(self) -> None: ...
 
     async def check_writable(self, within: float = BUSY_TIMEOUT) -> None:
-        """Commit the heartbeat row, waiting at most ``within`` seconds for another connection's lock.
+        """Commit a heartbeat, waiting at most ``within`` seconds for another writer (a server's start check);
+        a rolled-back write is no proof: a full disk may only show at commit."""
+        ...
 
-        A real committed write, because a rolled-back ``BEGIN IMMEDIATE`` passes on a full disk (the
-        write-ahead log is only appended at commit). Raises :class:`StoreError` with one line.
-        """
-        await self.set_busy_timeout(within)
-        try:
-            async with self.transaction():
-                await self.conn.execute(
-                    "INSERT INTO heartbeat (id, pid, time) VALUES (1, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, time = excluded.time",
-                    (os.getpid(), time.time()))
-        except sqlite3.Error as exc:
-            raise StoreError(storage_problem(self.path, exc, waited=within)) from None
-        finally:
-            await self.set_busy_timeout(BUSY_TIMEOUT)
+    async def set_write_wait(self, seconds: float) -> None:
+        """How long a write waits for another writer before failing as busy (:class:`StorageFailure`)."""
+        ...
 
-    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        async with self.conn.execute(sql, tuple(params)) as cur:
-            return await cur.fetchone()
+    # -- what the server serves from memory, and how it learns of changes -----------------------------------
+    async def generation(self) -> int:
+        """A number that changes whenever another writer has committed (this Store's own commits may
+        leave it alone: who writes through this Store reloads what it needs)."""
+        ...
 
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        async with self.conn.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        """One write transaction at a time on this connection; rolled back on any failure or cancel."""
-        async with self._tx_lock:
-            try:
-                await self.conn.execute("BEGIN IMMEDIATE")
-                yield
-                await self.conn.commit()
-            except BaseException:
-                if self.conn.in_transaction:
-                    await self.conn.rollback()
-                raise
-
-    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        async with self.transaction():
-            for sql, params in statements:
-                await self.conn.execute(sql, params)
-
-    # -- change detection ---------------------------------------------------------------------------
-    async def data_version(self) -> int:
-        """Changes when another connection (the admin CLI) commits; our own writes leave it alone."""
-        row = await self._one("PRAGMA data_version")
-        return int(row[0])
+    def changes(self, interval: float) -> AsyncIterator[int | StorageFailure]:
+        """Look every ``interval`` seconds, for ever: each look yields :meth:`generation`, or the
+        :class:`StorageFailure` that kept it from being read (the feed goes on). A commit by another
+        writer shows in the first look that starts after it."""
+        ...
 
     async def load_view(self) -> tuple[list[AccountRow], list[KeyRow]]:
-        accounts = [_account(r) for r in await self._all(f"SELECT {_ACCOUNT_COLS} FROM accounts")]
-        keys = [_key(r) for r in await self._all(f"SELECT {_KEY_COLS} FROM keys WHERE revoked_at IS NULL")]
-        return accounts, keys
+        """Every account, and every key not revoked."""
+        ...
 
-    # -- accounts -----------------------------------------------------------------------------------
-    async def account(self, name: str) -> AccountRow:
-        row = await self._one(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE name = ?", (name,))
-        if row is None:
-            raise StoreError(f"no account named {name!r} (see: lumen-proxy accounts list)")
-        return _account(row)
-
-    async def account_by_id(self, account_id: int) -> AccountRow:
-        row = await self._one(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE id = ?", (account_id,))
-        if row is None:
-            raise StoreError(f"no account with id {account_id}")
-        return _account(row)
-
-    async def accounts(self) -> list[AccountRow]:
-        return [_account(r) for r in await self._all(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name")]
+    # -- accounts, keys, coins (the admin commands) ---------------------------------------------------------
+    async def account(self, name: str) -> AccountRow: ...
+    async def account_by_id(self, account_id: int) -> AccountRow: ...
+    async def accounts(self) -> list[AccountRow]: ...
 
     async def add_account(self, name: str, coins: int = 0, models: Sequence[str] | None = None,
                           *, now: float | None = None) -> AccountRow:
-        now = time.time() if now is None else now
-        if await self._one("SELECT 1 FROM accounts WHERE name = ?", (name,)):
-            raise StoreError(f"an account named {name!r} already exists")
-        models_json = json.dumps(sorted(set(models))) if models is not None else None
-        try:
-            async with self.transaction():
-                cur = await self.conn.execute(
-                    "INSERT INTO accounts (name, models, created_at, balance) VALUES (?, ?, ?, ?)",
-                    (name, models_json, now, coins),
-                )
-                await self.conn.execute(
-                    "INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
-                    (cur.lastrowid, now, coins, "initial coins"),
-                )
-        except sqlite3.IntegrityError:
-            raise StoreError(f"an account named {name!r} already exists") from None
-        return await self.account(name)
+        """A new account with its starting ``coins`` in the ledger."""
+        ...
 
     async def update_account(self, name: str, **fields: Any) -> AccountRow:
         """Set ``enabled``, ``models`` (list or None = all), ``rpm``, ``tpm``, ``concurrency``."""
-        account = await self.account(name)
-        allowed = {"enabled", "models", "rpm", "tpm", "concurrency"}
-        sets, params = [], []
-        for column, value in fields.items():
-            if column not in allowed:
-                raise ValueError(column)
-            if column == "models" and value is not None:
-                value = json.dumps(sorted(set(value)))
-            sets.append(f"{column} = ?")
-            params.append(int(value) if isinstance(value, bool) else value)
-        if sets:
-            await self._transaction([(f"UPDATE accounts SET {', '.join(sets)} WHERE id = ?",
-                                      (*params, account.id))])
-        return await self.account(name)
+        ...
 
     async def add_coins(self, name: str, amount: int, note: str | None = None,
                         *, now: float | None = None) -> AccountRow:
-        account = await self.account(name)
-        await self._transaction([
-            ("INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
-             (account.id, time.time() if now is None else now, amount, note)),
-            ("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account.id)),
-        ])
-        return await self.account(name)
+        """A ledger entry and its balance change, together (negative ``amount`` deducts)."""
+        ...
 
-    # -- keys ---------------------------------------------------------------------------------------
     async def create_key(self, account_name: str, label: str | None = None,
                          expires_at: float | None = None, *, now: float | None = None) -> tuple[str, KeyRow]:
-        """Create a key; the full key is returned once and only its hash is stored."""
-        account = await self.account(account_name)
-        key = new_key()
-        now = time.time() if now is None else now
-        await self._transaction([(
-            "INSERT INTO keys (account_id, hash, prefix, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (account.id, hash_key(key), visible_prefix(key), label, now, expires_at),
-        )])
-        row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE hash = ?", (hash_key(key),))
-        return key, _key(row)
+        """A new key: returned once in full; only its hash is stored."""
+        ...
 
-    async def find_key(self, key_or_id: str) -> KeyRow:
-        if looks_like_key(key_or_id):
-            row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE hash = ?", (hash_key(key_or_id),))
-        elif key_or_id.isdigit():
-            row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE id = ?", (int(key_or_id),))
-        else:
-            raise StoreError(f"{key_or_id!r} is neither a key (sk_...) nor a key id (see: lumen-proxy keys list)")
-        if row is None:
-            raise StoreError("no such key (see: lumen-proxy keys list)")
-        return _key(row)
+    async def find_key(self, key_or_id: str) -> KeyRow: ...
+    async def revoke_key(self, key_or_id: str, *, now: float | None = None) -> KeyRow: ...
+    async def keys(self, account_name: str | None = None) -> list[tuple[KeyRow, str]]: ...
 
-    async def revoke_key(self, key_or_id: str, *, now: float | None = None) -> KeyRow:
-        key = await self.find_key(key_or_id)
-        if key.revoked_at is None:
-            await self._transaction([("UPDATE keys SET revoked_at = ? WHERE id = ?",
-                                      (time.time() if now is None else now, key.id))])
-        return await self.find_key(str(key.id))
-
-    async def keys(self, account_name: str | None = None) -> list[tuple[KeyRow, str]]:
-        sql = (f"SELECT {', '.join('k.' + c.strip() for c in _KEY_COLS.split(','))}, a.name "
-               "FROM keys k JOIN accounts a ON a.id = k.account_id")
-        params: tuple[Any, ...] = ()
-        if account_name is not None:
-            await self.account(account_name)
-            sql += " WHERE a.name = ?"
-            params = (account_name,)
-        return [(_key(r[:9]), r[9]) for r in await self._all(sql + " ORDER BY k.id", params)]
-
-    # -- usage --------------------------------------------------------------------------------------
-    async def write_usage(self, rows: Sequence[UsageRow]) -> dict[int, int]:
-        """Insert rows, debit balances, update daily aggregates and key use, in ONE transaction.
-
-        Returns the micro-coins debited per account, so the in-memory wallets can follow.
-        """
-        return await self.write_batch(UsageBatch(rows))
-
-    async def set_busy_timeout(self, seconds: float) -> None:
-        """How long a write waits for another connection's lock before failing with "database is locked"."""
-        await self.conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
-
+    # -- the usage log --------------------------------------------------------------------------------------
     async def write_batch(self, batch: UsageBatch) -> dict[int, int]:
-        """Raises what SQLite raises; a data error (:func:`is_data_error`) means some row cannot be stored."""
-        async with self.transaction():  # a cancel while BEGIN is queued still rolls back
-            await self.conn.executemany(_INSERT_USAGE, batch.rows)
-            await self.conn.executemany(
-                _DEBIT, [(cost, account_id) for account_id, cost in batch.debits.items() if cost])
-            await self.conn.executemany(_ADD_DAILY, [(*k, *v) for k, v in batch.daily.items()])
-            await self.conn.executemany(
-                "UPDATE keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
-                [(t, key_id) for key_id, t in batch.last_used.items()],
-            )
-        return batch.debits
+        """Insert the rows, debit the balances, add to the daily totals and the keys' last use, in ONE
+        transaction: all or nothing, so ledger = balance after it as before it. Idempotent per request
+        id: a row whose request id the usage log already holds is skipped, with its debit and totals.
 
-    async def usage_report(self, account_id: int | None = None, *, since: str | None = None,
-                           until: str | None = None, by: str = "day") -> list[dict[str, Any]]:
-        """Sum the daily aggregate (never the raw log), grouped by day, model, key or account."""
-        group = {"day": "day", "model": "model", "key": "key_id", "account": "account_id"}[by]
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        if account_id is not None:
-            where.append("account_id = ?")
-            params.append(account_id)
-        if since:
-            where.append("day >= ?")
-            params.append(since)
-        if until:
-            where.append("day <= ?")
-            params.append(until)
-        async with self._reading() as conn:
-            async with conn.execute(
-                f"SELECT {group}, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens), sum(cost)"
-                f" FROM usage_daily WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",
-                params,
-            ) as cur:
-                rows = list(await cur.fetchall())
-            names: dict[int, str] = {}
-            if by == "account":
-                async with conn.execute("SELECT id, name FROM accounts") as cur:
-                    names = {r[0]: r[1] for r in await cur.fetchall()}
-        return [{by: names.get(r[0], r[0]) if names else r[0], "requests": r[1], "errors": r[2],
-                 "prompt_tokens": r[3], "completion_tokens": r[4], "cost": r[5]} for r in rows]
+        Returns the micro-coins debited per account by this call. Raises :class:`StoreDataError` when a
+        value in the batch cannot be stored (nothing is), :class:`StorageFailure` when the storage fails
+        (whether it committed may be unknown: retrying the same batch is safe).
+        """
+        ...
 
-    async def prune_usage(self, before: float, batch: int = 5000) -> int:
-        """Delete raw rows older than ``before`` in small transactions (the server keeps writing)."""
-        deleted = 0
-        while True:
-            async with self.transaction():
-                cur = await self.conn.execute(
-                    "DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE time < ? LIMIT ?)", (before, batch)
-                )
-                count = cur.rowcount
-            deleted += count
-            if count < batch:
-                return deleted
+    async def write_usage(self, rows: Sequence[UsageRow]) -> dict[int, int]:
+        """:meth:`write_batch` of ``rows``."""
+        ...
 
     async def present_request_ids(self, request_ids: Sequence[str]) -> set[str]:
         """Which of ``request_ids`` already have a row in the usage log (committed)."""
-        present: set[str] = set()
-        for start in range(0, len(request_ids), 500):  # SQLite's limit on bound parameters is 999 or more
-            chunk = request_ids[start:start + 500]
-            rows = await self._all(
-                f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(chunk))})", chunk)
-            present.update(r[0] for r in rows)
-        return present
+        ...
 
     async def usage_rows(self, request_id: str) -> list[dict[str, Any]]:
-        async with self.conn.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,)) as cur:
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+        """The stored rows of one request, column by column."""
+        ...
+
+    async def usage_report(self, account_id: int | None = None, *, since: str | None = None,
+                           until: str | None = None, by: str = "day") -> list[dict[str, Any]]:
+        """The daily totals (never the raw log), grouped by day, model, key or account; committed data only,
+        never waiting for the usage writer."""
+        ...
+
+    async def prune_usage(self, before: float, batch: int = 5000) -> int:
+        """Delete raw rows older than ``before``, a few at a time (the server keeps writing); daily totals stay."""
+        ...
+
+
+def store_for(database: Path) -> Store:
+    """The :class:`Store` the config's ``database`` names (today always a SQLite file), not yet connected.
+
+    Here rather than in ``runtime`` because the admin CLI needs it too, without importing aiohttp.
+    """
+    from .sqlite_store import SqliteStore  # the implementations import this module
+
+    return SqliteStore(database)

@@ -8,15 +8,16 @@ key/account view reloads with.
 
 A bad row never blocks the others. A row that does not fit the schema (an INTEGER value that is not
 an int in 0..2**63-1, see ``store.usage_row_problem``) is quarantined by ``record`` and never enters
-a batch. A batch that SQLite refuses because of its data (``store.is_data_error``) is split in
-halves until each refused row is alone; that row is quarantined and every other row commits, in
+a batch. A batch the store refuses because of its data (:class:`~.store.StoreDataError`) is split
+in halves until each refused row is alone; that row is quarantined and every other row commits, in
 order. Quarantined means: one JSON line (the row as recorded, integers exact however large, and the
 reason) appended to ``<database>.quarantine.jsonl`` (mode 0600), one ERROR log line naming the
 request id and the reason (never a prompt or a key), and the row is not billed: its cost leaves
 ``Wallets.pending`` (``record`` takes ``row.cost`` to be what the relay settled) and the balance
 keeps those coins, so balance = ledger - committed costs stays exact.
-A failure of the database itself (locked, disk full, I/O error, read-only) keeps the rows and
-retries them first, in order.
+A failure of the storage itself (:class:`~.store.StorageFailure`: locked, disk full, I/O error,
+read-only), or any other error, keeps the rows and retries them first, in order; the store skips a
+row whose request id it already holds, so a retry after a commit whose reply was lost bills nothing twice.
 
 Storage fails closed. While writes fail, ``health`` says so (``/healthz`` turns 503), and once they
 have failed for longer than ``backlog.seconds`` or ``backlog.rows`` rows wait, ``refusal``
@@ -44,7 +45,6 @@ import json
 import logging
 import math
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -54,10 +54,10 @@ from typing import Any, TextIO
 
 import orjson
 
-from .billing import Wallets, to_coins
+from .billing import Coins, to_coins
 from .config import UsageBacklog
 from .errors import StorageUnavailable
-from .store import Store, StoreError, UsageBatch, UsageRow, is_data_error, storage_problem, usage_row_problem
+from .store import StorageFailure, Store, StoreDataError, StoreError, UsageBatch, UsageRow, usage_row_problem
 
 log = logging.getLogger("lumen_proxy")
 CLOSE_WITHIN = 5.0  # seconds a graceful stop keeps trying to write the rest of the usage log
@@ -135,16 +135,12 @@ def _access_line(row: UsageRow, account: str, prompt: Any) -> bytes:
 
 
 class UsageLog:
-    def __init__(self, store: Store, wallets: Wallets, lock: asyncio.Lock, *, interval: float = 0.1,
+    def __init__(self, store: Store, wallets: Coins, lock: asyncio.Lock, *, interval: float = 0.1,
                  access_log: TextIO | None = sys.stdout, quarantine: Path | None = None, spill: Path | None = None,
                  backlog: UsageBacklog | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.wallets, self.lock, self.interval = store, wallets, lock, interval
         self.access_log = access_log
-        if quarantine is None and store.path is not None:
-            quarantine = quarantine_path(store.path)
-        if spill is None and store.path is not None:
-            spill = spill_path(store.path)
-        self.quarantine, self.spill = quarantine, spill
+        self.quarantine, self.spill = quarantine, spill  # files beside the database; None: no such file
         self.backlog, self.clock = backlog or UsageBacklog(), clock
         self._batch = UsageBatch()
         self._queue: list[UsageBatch] = []  # batches waiting for a commit (a failed one first), in order
@@ -268,8 +264,8 @@ class UsageLog:
         return len(self._batch) + self._queue_rows
 
     async def flush(self) -> int:
-        """Write what is queued, one transaction per batch. Shielded: a caller cancelled while SQLite
-        commits (the writer task at shutdown) must not requeue committed rows, to be billed twice."""
+        """Write what is queued, one transaction per batch. Shielded: a caller cancelled while the
+        store commits (the writer task at shutdown) must not requeue committed rows, to be billed twice."""
         return await asyncio.shield(self._flush())
 
     async def _flush(self, deadline: float | None = None) -> int:
@@ -291,7 +287,7 @@ class UsageLog:
 
     async def _commit_queue(self, deadline: float | None) -> int:
         if deadline is not None:
-            await self.store.set_busy_timeout(deadline - asyncio.get_running_loop().time())
+            await self.store.set_write_wait(deadline - asyncio.get_running_loop().time())
         if len(self._batch):
             self._queue.append(self._batch)
             self._queue_rows += len(self._batch)
@@ -300,28 +296,29 @@ class UsageLog:
         while self._queue:
             batch = self._queue[0]
             try:
-                debits = await self.store.write_batch(batch)
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
+                await self.store.write_batch(batch)
+            except StoreDataError as exc:
                 self._isolate(exc)
                 continue
             self._queue.pop(0)
             self._queue_rows -= len(batch)
-            self.wallets.committed(debits)
+            # The whole batch's debits: rows an earlier attempt committed (its reply lost) were skipped
+            # now, but their costs still wait in pending. Should a reload have taken the balance since,
+            # it is short by them until the next reload: fewer coins, never more.
+            self.wallets.committed(batch.debits)
             self.written += len(batch)
             done += len(batch)
         return done
 
-    def _isolate(self, exc: Exception) -> None:
-        """SQLite refused the first queued batch because of its data: halve it, or quarantine its one row."""
+    def _isolate(self, exc: StoreDataError) -> None:
+        """The store refused the first queued batch because of its data: halve it, or quarantine its one row."""
         batch = self._queue[0]
         if len(batch) > 1:
             self._queue[0:1] = batch.split()
         else:
             self._queue.pop(0)
             self._queue_rows -= 1
-            self._quarantine(batch.usage[0], f"SQLite refused the row: {type(exc).__name__}: {exc}")
+            self._quarantine(batch.usage[0], str(exc))
 
     async def run(self) -> None:
         while True:
@@ -384,8 +381,8 @@ class UsageLog:
         rows = self._read_spill(path)
         try:
             present = await self.store.present_request_ids([r.request_id for r in rows])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot replay {path}: {storage_problem(self.store.path, exc)}") from None
+        except StorageFailure as exc:
+            raise StoreError(f"cannot replay {path}: {exc.problem()}") from None
         fresh = list({r.request_id: r for r in rows if r.request_id not in present}.values())
         for row in fresh:
             if isinstance(row.cost, int) and isinstance(row.account_id, int):  # pending, as the relay left it
@@ -393,8 +390,8 @@ class UsageLog:
             self._enqueue(row)
         try:
             await self._flush()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot replay {path}: {storage_problem(self.store.path, exc)}") from None
+        except StorageFailure as exc:
+            raise StoreError(f"cannot replay {path}: {exc.problem()}") from None
         total = sum(r.cost for r in fresh if isinstance(r.cost, int))
         try:
             path.unlink()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import sqlite3
 import string
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ import openai
 import pytest
 
 from lumen_proxy import auth
+from lumen_proxy.store import StorageFailure
 from tests.conftest import Proxy, admin
 from tests.fake_upstream import UpstreamServer
 
@@ -238,10 +238,10 @@ async def test_model_list_changed_with_the_cli_applies_within_a_second(
 async def test_storage_failure_is_503_with_retry_after_never_401(
         proxy: Proxy, alice: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async def locked() -> int:
-        raise sqlite3.OperationalError("database is locked")
+        raise StorageFailure("database is locked")
 
     monkeypatch.setattr(auth, "STALE_AFTER", 0.3)
-    monkeypatch.setattr(proxy.rt.store, "data_version", locked)
+    monkeypatch.setattr(proxy.rt.store, "generation", locked)
     good, unknown = proxy.sdk(alice), proxy.sdk(random_key())
     assert await seconds_until(lambda: is_refused(good, openai.InternalServerError), limit=3) < 3
     for client in (good, unknown):
@@ -271,14 +271,14 @@ async def test_a_key_works_the_moment_keys_create_returns(
 async def test_a_flood_of_unknown_keys_looks_at_the_database_a_bounded_number_of_times(
         proxy: Proxy, alice: str, monkeypatch: pytest.MonkeyPatch) -> None:
     looks = 0
-    real = proxy.rt.store.data_version
+    real = proxy.rt.store.generation
 
     async def counted() -> int:
         nonlocal looks
         looks += 1
         return await real()
 
-    monkeypatch.setattr(proxy.rt.store, "data_version", counted)
+    monkeypatch.setattr(proxy.rt.store, "generation", counted)
     async def call(session: aiohttp.ClientSession) -> int:
         async with session.get(proxy.base_url + "/models", headers={"Authorization": f"Bearer {random_key()}"}) as r:
             return r.status

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lumen_proxy.store import BUSY_TIMEOUT, Store
+from lumen_proxy.sqlite_store import SqliteStore
+from lumen_proxy.store import BUSY_TIMEOUT
 from tests.conftest import cli, config_dict, write_config
 
 KEY = re.compile(r"sk_[A-Za-z0-9]{32,}")
@@ -50,7 +51,7 @@ def stored_bytes(database: Path) -> bytes:
 @pytest.fixture
 async def alice_db(database: Path) -> Path:
     """A database with the account alice (10 coins, all models) and one key, made in-process (fast)."""
-    store = await Store.open(database)
+    store = await SqliteStore.open(database)
     try:
         await store.add_account("alice", 10_000_000)
         await store.create_key("alice", "laptop")

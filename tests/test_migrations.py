@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from lumen_proxy import store as store_module
+from lumen_proxy import sqlite_store
 from lumen_proxy.keys import hash_key, new_key, visible_prefix
 from lumen_proxy.migrations import MIGRATIONS, SCHEMA_VERSION
-from lumen_proxy.store import Store, StoreError
+from lumen_proxy.sqlite_store import SqliteStore
+from lumen_proxy.store import StoreError
 from tests.conftest import MakeProxy, build_config, cli, config_dict, write_config
 from tests.fake_upstream import UpstreamServer
 
@@ -31,6 +32,7 @@ COLUMNS = {
     "usage_daily": {"day", "account_id", "model", "key_id", "requests", "errors", "prompt_tokens",
                     "completion_tokens", "cost"},
     "heartbeat": {"id", "pid", "time"},
+    "migrations": {"name", "applied_at"},
 }
 
 
@@ -69,7 +71,7 @@ def test_migration_names_are_numbered_in_order() -> None:
 
 async def test_empty_database_gets_the_whole_schema(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     assert user_version(path) == SCHEMA_VERSION
     tables = schema(path)
@@ -84,12 +86,12 @@ async def test_empty_database_gets_the_whole_schema(tmp_path: Path) -> None:
 
 async def test_reopening_a_current_database_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "lumen.db"
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     await store.add_account("alice", 5)
     await store.close()
     with sqlite3.connect(path) as conn:
         before = list(conn.iterdump())
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
     with sqlite3.connect(path) as conn:
         assert list(conn.iterdump()) == before
@@ -100,7 +102,7 @@ async def test_older_database_is_upgraded_with_its_data(tmp_path: Path, version:
     path = tmp_path / "old.db"
     key = new_key()
     old_database(path, version, key)
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         account = await store.account("old")
         found = await store.find_key(key)
@@ -118,7 +120,7 @@ async def test_usage_rows_written_before_m006_read_as_not_capped(tmp_path: Path)
     with sqlite3.connect(path) as conn:
         conn.execute("INSERT INTO usage (request_id, time, account_id, key_id, model, status, prompt_tokens)"
                      " VALUES ('req_before', 1, 1, 1, 'echo', 200, 7)")
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         [row] = await store.usage_rows("req_before")
     finally:
@@ -156,19 +158,18 @@ async def test_newer_database_is_refused_with_one_line(tmp_path: Path) -> None:
     assert user_version(path) == 999
     assert schema(path) == {}
     with pytest.raises(StoreError, match="newer"):
-        await Store.open(path)
+        await SqliteStore.open(path)
 
 
 async def test_failing_migration_leaves_the_database_as_it_was(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "lumen.db"
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     await store.add_account("alice", 5)
     await store.close()
     broken = ("m999_broken", "CREATE TABLE half_done (x INTEGER);\nINSERT INTO no_such_table VALUES (1)")
-    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, broken))
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", (*MIGRATIONS, broken))
     with pytest.raises(StoreError, match="no_such_table"):
-        await Store.open(path)
+        await SqliteStore.open(path)
     assert user_version(path) == SCHEMA_VERSION
     assert "half_done" not in schema(path)

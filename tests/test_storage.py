@@ -31,7 +31,7 @@ import pytest
 
 from lumen_proxy.config import ConfigError
 from lumen_proxy.runtime import START_CHECK_WITHIN
-from lumen_proxy.store import StoreError, UsageBatch, UsageRow
+from lumen_proxy.store import StorageFailure, StoreError, UsageBatch, UsageRow
 from lumen_proxy.usagelog import RETRY_AFTER, coins_text, quarantine_path, spill_path
 from tests.conftest import (
     LumenProcess,
@@ -74,7 +74,7 @@ class Disk:
 
     async def write_batch(self, batch: UsageBatch) -> dict[int, int]:
         if self.full:
-            raise sqlite3.OperationalError("database or disk is full")
+            raise StorageFailure("database or disk is full")
         return await self._write(batch)
 
 
@@ -168,7 +168,7 @@ async def test_failing_usage_writes_degrade_healthz_then_refuse_new_requests_unt
 
     disk.full = True
     admitted = [await chat(proxy, key)]
-    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+    with pytest.raises(StorageFailure, match="disk is full"):
         await proxy.flush()
     status, body = await healthz(proxy)
     assert (status, body["status"]) == (503, "degraded")
@@ -205,7 +205,7 @@ async def test_a_backlog_over_its_row_bound_is_refused_before_its_time_bound(
     disk = Disk(proxy, monkeypatch)
     disk.full = True
     admitted = [await chat(proxy, key)]
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StorageFailure):
         await proxy.flush()
     admitted += [await chat(proxy, key), await chat(proxy, key)]  # 3 rows wait: at the bound
     assert_refused(await post_chat(proxy, key))

@@ -23,7 +23,7 @@ import aiohttp
 import openai
 import pytest
 
-from lumen_proxy.store import UsageRow
+from lumen_proxy.store import StorageFailure, UsageRow
 from tests.conftest import (
     LumenProcess,
     MakeProxy,
@@ -83,10 +83,11 @@ async def traffic(proxy: Proxy, keys: list[str]) -> None:
     await clients[0].completions.create(model="gpt-4o", prompt="once upon a time")
 
 
-async def old_rows(proxy: Proxy, key: str) -> None:
-    """Two requests from January 2024, written the way the usage writer writes them."""
+async def old_rows(proxy: Proxy, key: str, tag: str = "") -> None:
+    """Two requests from January 2024, written the way the usage writer writes them (``tag``: other
+    request ids, for more rows: the store keeps one row per request id)."""
     principal = proxy.rt.view.authenticate(f"Bearer {key}")
-    rows = [UsageRow(request_id=f"req_old{i}", time=JAN_15 + i * 86400 * 3, account_id=principal.account.id,
+    rows = [UsageRow(request_id=f"req_old{tag}{i}", time=JAN_15 + i * 86400 * 3, account_id=principal.account.id,
                      key_id=principal.key_id, model="gpt-4o", endpoint="/v1/chat/completions", status=status,
                      prompt_tokens=100, completion_tokens=50 if status == 200 else 0,
                      cost=751 if status == 200 else 0)
@@ -284,8 +285,8 @@ async def test_usage_prune_keeps_totals_and_balances(proxy: Proxy, alice: str, c
 
 
 async def test_prune_works_in_small_batches(proxy: Proxy, alice: str) -> None:
-    for _ in range(3):
-        await old_rows(proxy, alice)
+    for tag in "abc":
+        await old_rows(proxy, alice, tag)
     assert await proxy.rt.store.prune_usage(JAN_15 + 86400 * 30, batch=4) == 6
     assert query(proxy.rt.config.database, "SELECT count(*) FROM usage")[0][0] == 0
 
@@ -374,7 +375,7 @@ async def test_a_failed_usage_commit_keeps_its_rows_and_retries(
         nonlocal failures
         if failures < 2:
             failures += 1
-            raise sqlite3.OperationalError("database or disk is full")
+            raise StorageFailure("database or disk is full")
         return await real_write(batch)
 
     monkeypatch.setattr(proxy.rt.store, "write_batch", flaky)
@@ -383,7 +384,7 @@ async def test_a_failed_usage_commit_keeps_its_rows_and_retries(
         raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         ids.append(raw.request_id)
-        with pytest.raises(sqlite3.OperationalError) if failures < 2 else contextlib.nullcontext():
+        with pytest.raises(StorageFailure) if failures < 2 else contextlib.nullcontext():
             await proxy.flush()
     await proxy.flush()
     rows = query(Path(proxy.rt.config.database), "SELECT request_id, cost FROM usage ORDER BY id")
