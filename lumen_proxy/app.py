@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -22,10 +23,12 @@ from .billing import to_coins
 from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
 from .endpoints import ENDPOINTS
-from .errors import BadRequest, NotFound, make_error_middleware
+from .errors import BadRequest, NotFound, StorageUnavailable, make_error_middleware
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
-from .store import parse_utc, utc_day
+from .store import StorageFailure, parse_utc, utc_day
+
+log = logging.getLogger("lumen_proxy")
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -105,7 +108,12 @@ async def usage(request: web.Request) -> web.Response:
     if by not in ("day", "model", "key"):
         raise BadRequest("Parameter 'by' must be day, model or key.", param="by")
     since, until = (_day_param(request, name) for name in ("since", "until"))
-    rows = await rt.store.usage_report(principal.account.id, since=since, until=until, by=by)
+    try:
+        rows = await rt.store.usage_report(principal.account.id, since=since, until=until, by=by)
+    except StorageFailure as exc:
+        log.error("cannot read the usage report: %s", exc)
+        raise StorageUnavailable("Usage cannot be read right now. Retry shortly.",
+                                 headers={"Retry-After": "5"}) from None
     for row in rows:
         row["cost"] = to_coins(row["cost"])
     return _json({"object": "list", "account": principal.account.name, "by": by, "since": since, "until": until,

@@ -391,3 +391,17 @@ async def test_a_failed_usage_commit_keeps_its_rows_and_retries(
     assert [r["request_id"] for r in rows] == ids
     account = query(Path(proxy.rt.config.database), "SELECT balance FROM accounts WHERE name = 'alice'")[0]
     assert account["balance"] == 1000 * 1_000_000 - sum(r["cost"] for r in rows)
+
+
+async def test_a_usage_report_the_storage_cannot_give_is_a_503(
+        proxy: Proxy, alice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lumen_proxy.store import StorageFailure
+
+    async def failing(*args: object, **kwargs: object) -> None:
+        raise StorageFailure("disk I/O error")
+
+    monkeypatch.setattr(proxy.rt.store, "usage_report", failing)
+    async with aiohttp.ClientSession() as session, session.get(
+            proxy.origin + "/lumen/v1/usage", headers={"Authorization": f"Bearer {alice}"}) as response:
+        assert response.status == 503 and response.headers["Retry-After"] == "5"
+        assert (await response.json())["error"]["code"] == "storage_unavailable"
