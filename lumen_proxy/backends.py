@@ -105,6 +105,7 @@ class HttpUpstream:
                 parts.append(piece)
         if decoder is not None and not decoder.eof:
             raise BadAnswer("the compressed answer is truncated")
+        self.response.release()  # read to the end: the connection goes back to the pool (close() would drop it)
         return b"".join(parts)
 
     def chunks(self) -> AsyncIterator[bytes]:

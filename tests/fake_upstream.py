@@ -104,6 +104,7 @@ class RecordedRequest:
     finished: bool = False  # the whole response went out
     disconnected: bool = False  # the client went away before the response was complete
     response: web.StreamResponse | None = None
+    peer: Any = None  # the client's (host, port): one per connection, so reuse shows
 
     @property
     def authorization(self) -> str | None:
@@ -232,6 +233,7 @@ async def _record_middleware(request: web.Request, handler: Handler) -> web.Stre
         path=request.path,
         headers=CIMultiDict(request.headers),
         body=body,
+        peer=request.transport.get_extra_info("peername") if request.transport is not None else None,
     )
     state.requests.append(record)
     request[_RECORD] = record
