@@ -50,8 +50,6 @@ from tests.test_billing import ledger_mismatches
 
 HELLO = [{"role": "user", "content": "Hello there, how are you"}]
 CHAT = {"model": "gpt-4o", "messages": HELLO}
-# conftest's lumen_process never closes the parent's copies of the child's log files: only those warnings.
-LOG_FILES_LEFT_OPEN = r"ignore:unclosed file <_io.TextIOWrapper name='[^']*/lumen-\d+[.](log|out)':ResourceWarning"
 
 
 class Clock:
@@ -135,7 +133,6 @@ def assert_refused(response: tuple[int, Mapping[str, str], dict[str, Any]]) -> N
 
 
 # -- a start that cannot write -------------------------------------------------------------------------------
-@pytest.mark.filterwarnings(LOG_FILES_LEFT_OPEN)
 async def test_a_database_that_cannot_be_written_refuses_the_start_with_one_line(
         serve_config: Path, lumen_process: Callable[..., LumenProcess]) -> None:
     """Reads still work (WAL), so only a real write shows it: the start commits a heartbeat first."""
@@ -275,7 +272,6 @@ def test_the_backlog_bound_is_checked_like_every_setting(tmp_path: Path) -> None
 
 
 # -- a stop that cannot write, and the next start ------------------------------------------------------------
-@pytest.mark.filterwarnings(LOG_FILES_LEFT_OPEN)
 async def test_a_stop_that_cannot_write_spills_and_the_next_start_bills_the_rows_exactly_once(
         tmp_path: Path, lumen_process: Callable[..., LumenProcess]) -> None:
     data = {"database": "lumen.db", "shutdown_grace": 5,

@@ -189,11 +189,7 @@ async def test_rows_are_committed_within_250_ms(proxy: Proxy, alice: str) -> Non
         assert await seconds_until_logged(stream.response.headers["x-request-id"]) < 0.25
 
 
-# conftest's lumen_process never closes the parent's copies of the child's log files: only those warnings.
-LOG_FILES_LEFT_OPEN = r"ignore:unclosed file <_io.TextIOWrapper name='[^']*/lumen-\d+[.](log|out)':ResourceWarning"
 
-
-@pytest.mark.filterwarnings(LOG_FILES_LEFT_OPEN)
 async def test_graceful_stop_loses_no_row(
         tmp_path: Path, upstream: UpstreamServer, lumen_process: Callable[..., LumenProcess]) -> None:
     config_file = write_config(tmp_path, config_dict(tmp_path, [upstream.base_url], shutdown_grace=10))
