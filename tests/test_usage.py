@@ -189,7 +189,6 @@ async def test_rows_are_committed_within_250_ms(proxy: Proxy, alice: str) -> Non
         assert await seconds_until_logged(stream.response.headers["x-request-id"]) < 0.25
 
 
-
 async def test_graceful_stop_loses_no_row(
         tmp_path: Path, upstream: UpstreamServer, lumen_process: Callable[..., LumenProcess]) -> None:
     config_file = write_config(tmp_path, config_dict(tmp_path, [upstream.base_url], shutdown_grace=10))
