@@ -11,9 +11,9 @@ an int in 0..2**63-1, see ``store.usage_row_problem``) is quarantined by ``recor
 a batch. A batch the store refuses because of its data (:class:`~.store.StoreDataError`) is split
 in halves until each refused row is alone; that row is quarantined and every other row commits, in
 order. Quarantined means: one JSON line (the row as recorded, integers exact however large, and the
-reason) appended to ``<database>.quarantine.jsonl`` (mode 0600), one ERROR log line naming the
-request id and the reason (never a prompt or a key), and the row is not billed: its cost leaves
-``Wallets.pending`` (``record`` takes ``row.cost`` to be what the relay settled) and the balance
+reason) appended to ``<database>.quarantine.jsonl`` (mode 0600, fsynced like the spill file), one
+ERROR log line naming the request id and the reason (never a prompt or a key), and the row is not
+billed: its cost leaves ``Wallets.pending`` (``record`` takes ``row.cost`` to be what the relay settled) and the balance
 keeps those coins, so balance = ledger - committed costs stays exact.
 A failure of the storage itself (:class:`~.store.StorageFailure`: locked, disk full, I/O error,
 read-only), or any other error, keeps the rows and retries them first, in order; the store skips a
@@ -235,11 +235,7 @@ class UsageLog:
         if self.quarantine is None:
             return f"(no quarantine file; the row: {line.decode()})"
         try:
-            fd = os.open(self.quarantine, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line + b"\n")
-            finally:
-                os.close(fd)
+            append_durably(self.quarantine, line + b"\n")
         except OSError as exc:
             return f"(cannot write {self.quarantine}: {exc.strerror}; the row: {line.decode()})"
         return f"in {self.quarantine}"
