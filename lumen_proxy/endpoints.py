@@ -52,21 +52,22 @@ def _count(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
-def completion_usage(usage: Any) -> Usage | None:
-    """Chat and text completions: both counts must be there and valid."""
+def _counts(usage: Any, completion_default: int | None) -> Usage | None:
     if not isinstance(usage, dict):
         return None
-    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens", completion_default))
     return None if prompt is None or completion is None else (prompt, completion)
+
+
+def completion_usage(usage: Any) -> Usage | None:
+    """Chat and text completions: both counts must be there and valid."""
+    return _counts(usage, None)
 
 
 def embedding_usage(usage: Any) -> Usage | None:
     """Embeddings report prompt tokens only."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens", 0))
-    return None if prompt is None or completion is None else (prompt, completion)
+    return _counts(usage, 0)
 
 
 def one_prompt(value: Any) -> int:
