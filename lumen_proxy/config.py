@@ -145,6 +145,15 @@ class Config:
     cors_origins: tuple[str, ...] = ("*",)
     demo: bool = False
     by_name: Mapping[str, Model] = field(default_factory=dict, compare=False, repr=False)
+    largest_body_bytes: int = field(init=False, compare=False, repr=False)
+    """The largest body any model accepts; with ``body_overrides`` False, every model's limit."""
+    body_overrides: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        overrides = [m.max_body_bytes for m in self.models if m.max_body_bytes is not None]
+        default = [self.max_body_bytes] if len(overrides) < len(self.models) or not self.models else []
+        object.__setattr__(self, "largest_body_bytes", max(overrides + default))
+        object.__setattr__(self, "body_overrides", bool(overrides))
 
     def model(self, name: str) -> Model | None:
         return self.by_name.get(name)

@@ -90,14 +90,13 @@ class Call:
 
 async def read_body(request: web.Request, limit: int, within: float) -> bytes:
     """The body, at most ``limit`` bytes, within ``within`` seconds (a slow sender holds a slot, not the loop)."""
-    too_large = f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB."
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(too_large)
+        raise _over(limit)
     content = request.content
     if content.is_eof():  # the usual small body came with the headers: no deadline, no iteration to pay for
         whole = content.read_nowait(-1)
         if len(whole) > limit:
-            raise PayloadTooLarge(too_large)
+            raise _over(limit)
         return whole
     chunks: list[bytes] = []
     size = 0
@@ -106,13 +105,18 @@ async def read_body(request: web.Request, limit: int, within: float) -> bytes:
             async for chunk in content.iter_any():
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(too_large)
+                    raise _over(limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {within:g} seconds.") from None
     except web.RequestPayloadError:
         raise BadRequest("The request body could not be read (broken Content-Encoding or chunked framing).") from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _over(limit: int, model: str | None = None) -> PayloadTooLarge:
+    where = f" for `{model}`" if model else ""
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit / (1024 * 1024):.3g} MiB{where}.")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -168,7 +172,12 @@ async def refuse_early(rt: Runtime, principal: Principal, request_id: str) -> Ad
 
 
 def body_limit(config: Config, account: AccountRow) -> int:
-    """The largest body any model of the account accepts: a bigger one is refused unread."""
+    """The largest body any model of the account accepts: a bigger one is refused unread.
+
+    Without per-model limits, or for an account that may use every model, the config knows it already.
+    """
+    if not config.body_overrides or account.models is None:
+        return config.largest_body_bytes
     return max((m.max_body_bytes or config.max_body_bytes for m in visible_models(config, account)),
                default=config.max_body_bytes)
 
@@ -198,8 +207,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         size = len(raw)
         del raw  # only its size is needed from here on
         if model.max_body_bytes is not None and size > model.max_body_bytes:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {model.max_body_bytes / 2**20:.3g} MiB "
-                                  f"for `{model.name}`.")
+            raise _over(model.max_body_bytes, model.name)
         worst = call.worst = worst_case(body, size, endpoint, model)
         refusal = await rt.limiter.extend(ticket, model_subjects(principal, model), worst.tokens)
         if refusal is not None:
