@@ -12,8 +12,8 @@ SIGHUP: re-read the YAML; an invalid file is rejected with one log line and the 
 ``serve --host/--port`` override the file at every reload too.
 
 A request aiohttp's HTTP parser rejects (bare LF, a control character or 100 KB in a header, a bad
-method, garbage) gets a 400 that quotes nothing back and one short log line
-(:class:`.logs.QuietRequestHandler`).
+method, garbage) gets a 400 that quotes nothing back and one short log line: the listening site
+(:func:`.connections.site_for`) serves every connection with :class:`.logs.QuietRequestHandler`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .app import create_app
 from .config import Config, ConfigError, load_config
 from .connections import site_for
 from .demo import bootstrap_demo
-from .logs import QuietRequestHandler, RateLimit, setup_logging
+from .logs import RateLimit, setup_logging
 from .runtime import RUNTIME, ServerLocked
 from .store import StoreError
 from .usagelog import UsageLog
@@ -46,21 +46,6 @@ CONNECTIONS_WITHIN = 0.5  # aiohttp's shutdown_timeout once no handler is left; 
 STOP_AFTER_GRACE = CANCEL_WITHIN + 2 * CONNECTIONS_WITHIN + store.BUSY_TIMEOUT + usagelog.CLOSE_WITHIN
 """The most a stop takes after ``shutdown_grace``: cancelling, closing, then the usage log's flush
 (a write under way when the stop began, then ``CLOSE_WITHIN`` of retries)."""
-
-
-# -- HTTP: what a malformed request gets ---------------------------------------------------------------
-class _Server(web.Server):
-    def __call__(self) -> web.RequestHandler:
-        return QuietRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _Runner(web.AppRunner):
-    """An AppRunner whose connections are :class:`.logs.QuietRequestHandler` (aiohttp has no option for it)."""
-
-    async def _make_server(self) -> web.Server:
-        made = await super()._make_server()
-        return _Server(made.request_handler, request_factory=made.request_factory,
-                       handler_cancellation=made.handler_cancellation, **made._kwargs)
 
 
 # -- stop: the whole drain within the grace ----------------------------------------------------------
@@ -128,8 +113,8 @@ async def run(config: Config, path: str | None, overrides: Mapping[str, Any] | N
     app = create_app(config, access_log=sys.stdout, on_ready=bootstrap_demo if config.demo else None)
     drain = Drain()
     app.middlewares.insert(0, drain.middleware())
-    runner = _Runner(app, handler_cancellation=True, shutdown_timeout=CONNECTIONS_WITHIN,
-                     access_log=None, handle_signals=False, keepalive_timeout=config.timeouts.keepalive)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=CONNECTIONS_WITHIN,
+                           access_log=None, handle_signals=False, keepalive_timeout=config.timeouts.keepalive)
     try:
         await runner.setup()
     except (ServerLocked, StoreError) as exc:
