@@ -18,14 +18,15 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .auth import account_limits, require_model, visible_models
+from .auth import account_limits, credentials, require_model, visible_models
 from .billing import to_coins
 from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
-from .endpoints import ENDPOINTS
+from .endpoints import ENDPOINTS, SERVED, error_shape
 from .errors import BadRequest, NotFound, StorageUnavailable, make_error_middleware
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
+from .stateful import follow_up
 from .store import StorageFailure, parse_utc, utc_day
 
 log = logging.getLogger("lumen_proxy")
@@ -42,7 +43,7 @@ def _model_object(model: Model, created: int) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(request.headers.get("Authorization"))
+    principal = await rt.view.identify(credentials(request.headers))
     created = int(rt.started)
     data = [_model_object(m, created) for m in visible_models(rt.config, principal.account)]
     return _json({"object": "list", "data": data})
@@ -50,7 +51,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(request.headers.get("Authorization"))
+    principal = await rt.view.identify(credentials(request.headers))
     model = require_model(rt.config, principal.account, request.match_info["model"])
     return _json(_model_object(model, int(rt.started)))
 
@@ -89,7 +90,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def me(request: web.Request) -> web.Response:
     """A key holder's own account: balance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(request.headers.get("Authorization"))
+    principal = await rt.view.identify(credentials(request.headers))
     account = principal.account
     return _json({
         "account": account.name,
@@ -103,7 +104,7 @@ async def me(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(request.headers.get("Authorization"))
+    principal = await rt.view.identify(credentials(request.headers))
     by = request.query.get("by", "day")
     if by not in ("day", "model", "key"):
         raise BadRequest("Parameter 'by' must be day, model or key.", param="by")
@@ -135,7 +136,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                monotonic: Callable[[], float] = time.monotonic, usage_interval: float = 0.1,
                access_log: Any = None,
                on_ready: Callable[[Runtime], Coroutine[Any, Any, None]] | None = None) -> web.Application:
-    app = web.Application(middlewares=[make_error_middleware(), cors_preflight],
+    app = web.Application(middlewares=[make_error_middleware(error_shape, SERVED), cors_preflight],
                           client_max_size=config.max_body_bytes)
     app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(make_context(config, clock=clock, monotonic=monotonic, usage_interval=usage_interval,
@@ -144,6 +145,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     app.router.add_get("/v1/models/{model:.+}", get_model)
     for path in ENDPOINTS:
         app.router.add_post(path, relay)
+    app.router.add_get("/v1/responses/{response_id}", follow_up)
+    app.router.add_delete("/v1/responses/{response_id}", follow_up)
+    app.router.add_post("/v1/responses/{response_id}/{action:cancel}", follow_up)
+    app.router.add_get("/v1/responses/{response_id}/{action:input_items}", follow_up)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/lumen/v1/me", me)

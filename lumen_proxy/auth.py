@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .billing import Coins
@@ -48,6 +48,16 @@ def bearer_token(header: str | None) -> str | None:
         return None
     scheme, _, token = header.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def credentials(headers: Mapping[str, str]) -> str | None:
+    """The ``Authorization`` value to authenticate: the header itself, else Anthropic's ``x-api-key``
+    (what the Anthropic SDKs and Claude Code send) as a Bearer token."""
+    authorization = headers.get("Authorization")
+    if authorization is not None and bearer_token(authorization) is not None:
+        return authorization
+    key = headers.get("x-api-key")
+    return authorization if key is None else "Bearer " + key
 
 
 class AccessView:
@@ -133,7 +143,8 @@ class AccessView:
     def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
         if token is None:
-            raise InvalidKey("Missing API key. Send it as the header 'Authorization: Bearer sk_...'.")
+            raise InvalidKey("Missing API key. Send it as the header 'Authorization: Bearer sk_...' "
+                             "(or 'x-api-key: sk_...', as the Anthropic SDKs do).")
         if self.is_stale():
             raise StorageUnavailable("The key store is temporarily unavailable. Retry shortly.",
                                      headers={"Retry-After": "5"})

@@ -177,17 +177,20 @@ class BackendPool:
             state = self.states[(backend.url, backend.model)] = BreakerState()
         return state
 
-    def candidates(self, model: Model) -> list[Backend]:
-        """Backends to try in order: rotation among those whose breaker lets a request through."""
+    def candidates(self, model: Model, backends: tuple[Backend, ...] | None = None) -> list[Backend]:
+        """Backends to try in order: rotation among those (default: the model's) whose breaker lets a
+        request through."""
         now = self.clock()
-        n = len(model.backends)
+        if backends is None:
+            backends = model.backends
+        n = len(backends)
         if n == 1:
-            return [b for b in model.backends if self.state(b).can_try(now)]
+            return [b for b in backends if self.state(b).can_try(now)]
         turns = self._turns.get(model.name)
         if turns is None:
             turns = self._turns[model.name] = itertools.count()
         start = next(turns)
-        ordered = [model.backends[(start + i) % n] for i in range(n)]
+        ordered = [backends[(start + i) % n] for i in range(n)]
         return [b for b in ordered if self.state(b).can_try(now)]
 
     def begin(self, backend: Backend) -> bool:
@@ -258,14 +261,17 @@ _FORWARDED = ("Accept",)
 ``Content-Encoding``, which no longer describes the body we send) stays here."""
 
 
-def upstream_headers(incoming: Mapping[str, str], backend: Backend, request_id: str = "") -> CIMultiDict[str]:
-    """The headers Lumen means to send: an allow list of the client's, then the backend's own.
+def upstream_headers(incoming: Mapping[str, str], backend: Backend, request_id: str = "",
+                     forwarded: tuple[str, ...] = _FORWARDED, x_api_key: bool = False) -> CIMultiDict[str]:
+    """The headers Lumen means to send: an allow list of the client's (``forwarded``: the endpoint's),
+    then the backend's own.
 
     We ask for an uncompressed answer (bodies are relayed as bytes); the backend's ``api_key`` and its
-    configured ``headers`` (organisation, project, a custom gateway's) come from the config only.
+    configured ``headers`` (organisation, project, a custom gateway's) come from the config only. With
+    ``x_api_key`` the key also goes as ``x-api-key``, the header Anthropic's API reads.
     """
     headers: CIMultiDict[str] = CIMultiDict()
-    for name in _FORWARDED:
+    for name in forwarded:
         value = incoming.get(name)
         if value is not None:
             headers[name] = value
@@ -275,6 +281,8 @@ def upstream_headers(incoming: Mapping[str, str], backend: Backend, request_id: 
         headers["X-Request-ID"] = request_id  # the backend's logs can then be matched with ours
     if backend.api_key:
         headers["Authorization"] = f"Bearer {backend.api_key}"
+        if x_api_key:
+            headers["x-api-key"] = backend.api_key
     headers.update(backend.headers)
     return headers
 
@@ -319,6 +327,15 @@ class HttpClient:
                                            timeout=self._timeout, allow_redirects=False)
         return HttpUpstream(response)
 
+    async def send(self, method: str, backend: Backend, path: str, body: bytes | None,
+                   headers: CIMultiDict[str]) -> HttpUpstream:
+        """Any other call (the Responses API's stateful ones); ``path`` may carry a query string."""
+        if body is None:
+            del headers["Content-Type"]
+        response = await self.session.request(method, backend.url + path, data=body, headers=headers,
+                                              timeout=self._timeout, allow_redirects=False)
+        return HttpUpstream(response)
+
     async def probe(self, backend: Backend) -> bool:
         """A cheap active health check: GET {url}/models."""
         headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
@@ -338,13 +355,14 @@ class Dialer(Protocol):
     async def __call__(self, backend: Backend) -> Upstream: ...
 
 
-async def connect(pool: BackendPool, model: Model, dial: Dialer, *,
-                  account: int | None = None) -> tuple[Backend, Upstream]:
+async def connect(pool: BackendPool, model: Model, dial: Dialer, *, account: int | None = None,
+                  backends: tuple[Backend, ...] | None = None) -> tuple[Backend, Upstream]:
     """Try the candidates in turn until one answers below 500; 504 on a first-byte timeout, else 503.
 
     ``account`` is the caller's: an ambiguous failure is put down to it (see the module docstring).
+    ``backends``: those that may serve this request (default: all of the model's).
     """
-    for backend in pool.candidates(model):
+    for backend in pool.candidates(model, backends):
         if pool.begin(backend):
             upstream = await _attempt(pool, model, backend, dial, account)
             if upstream is not None:

@@ -23,10 +23,17 @@ def to_coins(micro: int) -> float:
     return micro / MICRO
 
 
-def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
-    """prompt × P / 1e6 + completion × C / 1e6, exact, rounded up to the micro-coin."""
-    total = prompt_tokens * price.prompt + completion_tokens * price.completion
+def cost(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """(prompt − cached) × P / 1e6 + cached × P_cached / 1e6 + completion × C / 1e6, exact, rounded up
+    to the micro-coin. ``cached_tokens`` is the part of ``prompt_tokens`` a backend read from its cache."""
+    total = ((prompt_tokens - cached_tokens) * price.prompt + cached_tokens * price.cached
+             + completion_tokens * price.completion)
     return -(-total // PER_MILLION)
+
+
+def worst_cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+    """What a hold reserves: every prompt token at the higher of the two prompt prices."""
+    return cost(price, prompt_tokens, completion_tokens, prompt_tokens if price.cached > price.prompt else 0)
 
 
 @dataclass(slots=True)

@@ -45,6 +45,11 @@ class Price:
 
     prompt: int = 0
     completion: int = 0
+    cached_prompt: int | None = None  # input a backend read from its cache; None: the prompt price
+
+    @property
+    def cached(self) -> int:
+        return self.prompt if self.cached_prompt is None else self.cached_prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +59,12 @@ class Backend:
     api_key: str | None = None
     inject_stream_usage: bool = True
     max_tokens_field: str = "max_tokens"
+    """The chat field Lumen sets when a request caps nothing: max_tokens is what vLLM, Ollama and llama.cpp
+    honour; OpenAI's reasoning models want max_completion_tokens."""
     headers: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Sent on every request to this backend (OpenAI-Organization, OpenAI-Project, a gateway's own)."""
-    """Chat field Lumen sets when a request caps nothing: max_tokens is what vLLM, Ollama and llama.cpp honour;
-    OpenAI's reasoning models want max_completion_tokens."""
+    apis: frozenset[str] | None = None
+    """The APIs (``chat``, ``completions``, ``embeddings``, ``responses``, ``messages``) it serves; None: all."""
     label: str = field(init=False, compare=False)
     """Name used in logs, /healthz and /metrics: the URL without user, password or query."""
 
@@ -68,6 +75,9 @@ class Backend:
     @property
     def is_builtin(self) -> bool:
         return self.url.startswith("builtin:")
+
+    def serves(self, api: str) -> bool:
+        return self.apis is None or api in self.apis
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,13 @@ class Model:
     max_body_bytes: int | None = None  # None: the top-level max_body_mb
     limits: LimitSpec | None = None
     owned_by: str = "lumen"
+    serving: Mapping[str, tuple[Backend, ...]] = field(default_factory=dict, compare=False, repr=False)
+    """Per API name, the backends that serve it (built once by the config reader)."""
+
+    def backends_for(self, api: str) -> tuple[Backend, ...]:
+        """The backends a request of ``api`` may go to: those that list it (or list nothing)."""
+        found = self.serving.get(api)
+        return found if found is not None else tuple(b for b in self.backends if b.serves(api))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +142,14 @@ class UsageBacklog:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseIds:
+    """How many Responses API response ids Lumen remembers (to route follow-ups), and for how long."""
+
+    keep: int = 100_000
+    hours: float = 720.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     database: Path
@@ -140,6 +165,7 @@ class Config:
     max_connections: int = 1000
     shutdown_grace: float = 30.0
     usage_backlog: UsageBacklog = UsageBacklog()
+    response_ids: ResponseIds = ResponseIds()
     admin_token: str | None = None
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ("*",)
@@ -265,8 +291,17 @@ def _usage_backlog(r: _Reader, value: Any, path: str) -> UsageBacklog:
     )
 
 
+def _response_ids(r: _Reader, value: Any, path: str) -> ResponseIds:
+    data = r.mapping(value, path, {"keep", "hours"})
+    default = ResponseIds()
+    return ResponseIds(
+        keep=r.optional(data, "keep", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), default.keep),
+        hours=r.optional(data, "hours", path, lambda v, p: float(r.number(v, p, minimum=0.001)), default.hours),
+    )
+
+
 def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
-    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field", "headers"})
+    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field", "headers", "apis"})
     if "url" not in data:
         raise r.fail(_join(path, "url"), "is required")
     url = r.string(data["url"], _join(path, "url")).rstrip("/")
@@ -280,7 +315,21 @@ def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
         max_tokens_field=r.optional(data, "max_tokens_field", path, lambda v, p: _choice(r, v, p, _OUTPUT_FIELDS),
                                     "max_tokens"),
         headers=r.optional(data, "headers", path, lambda v, p: _headers(r, v, p), {}),
+        apis=r.optional(data, "apis", path, lambda v, p: _apis(r, v, p), None),
     )
+
+
+API_NAMES = ("chat", "completions", "embeddings", "responses", "messages")
+"""What ``apis:`` may list: chat = /v1/chat/completions, responses = /v1/responses, messages = /v1/messages."""
+
+
+def _apis(r: _Reader, value: Any, path: str) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise r.fail(path, f"must be a non-empty list of {', '.join(API_NAMES)}, got {_kind(value)}")
+    for i, name in enumerate(value):
+        if name not in API_NAMES:
+            raise r.fail(f"{path}[{i}]", f"must be one of {', '.join(API_NAMES)}, got {_kind(name)}")
+    return frozenset(value)
 
 
 _RESERVED_HEADERS = frozenset({"authorization", "content-type", "content-length", "accept-encoding", "host",
@@ -340,10 +389,12 @@ def _model(r: _Reader, value: Any, path: str) -> Model:
         raise r.fail(_join(path, "backends"), "must be a non-empty list of backends")
     backends = tuple(_backend(r, b, f"{path}.backends[{i}]", name) for i, b in enumerate(raw_backends))
     price_path = _join(path, "price")
-    price_data = r.mapping(data.get("price"), price_path, {"prompt", "completion"})
+    price_data = r.mapping(data.get("price"), price_path, {"prompt", "completion", "cached_prompt"})
+    cached = price_data.get("cached_prompt")
     price = Price(
         prompt=micro_coins(price_data.get("prompt", 0), _join(price_path, "prompt"), r),
         completion=micro_coins(price_data.get("completion", 0), _join(price_path, "completion"), r),
+        cached_prompt=None if cached is None else micro_coins(cached, _join(price_path, "cached_prompt"), r),
     )
     return Model(
         name=name,
@@ -356,6 +407,7 @@ def _model(r: _Reader, value: Any, path: str) -> Model:
         max_body_bytes=r.optional(data, "max_body_mb", path, lambda v, p: _mebibytes(r, v, p), None),
         limits=r.optional(data, "limits", path, lambda v, p: _limits(r, v, p), None),
         owned_by=r.optional(data, "owned_by", path, r.string, "lumen"),
+        serving={api: tuple(b for b in backends if b.serves(api)) for api in API_NAMES},
     )
 
 
@@ -363,7 +415,7 @@ _TOP = {
     "listen", "database", "models", "limits", "timeouts", "circuit_breaker", "health_check_interval",
     "max_body_mb", "max_response_mb", "max_connections", "shutdown_grace", "admin_token", "log_prompts", "demo",
     "cors_origins",
-    "usage_backlog",
+    "usage_backlog", "response_ids",
 }
 
 
@@ -410,6 +462,7 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         max_connections=r.optional(top, "max_connections", "", count, _default(Config, "max_connections")),
         shutdown_grace=r.optional(top, "shutdown_grace", "", seconds, 30.0),
         usage_backlog=r.optional(top, "usage_backlog", "", lambda v, p: _usage_backlog(r, v, p), UsageBacklog()),
+        response_ids=r.optional(top, "response_ids", "", lambda v, p: _response_ids(r, v, p), ResponseIds()),
         admin_token=r.optional(top, "admin_token", "", r.string, None),
         log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
         cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),

@@ -14,8 +14,10 @@
     ├── Unavailable 503 ── BackendUnavailable, StorageUnavailable
     └── UpstreamTimeout 504
 
-Handlers raise; only :func:`error_middleware` builds responses, so every body is
-``{"error": {"message", "type", "param", "code"}}`` and nothing internal ever leaks to a client.
+Handlers raise; only :func:`error_middleware` builds responses, so every body is in the shape the
+path's clients parse (:class:`ErrorShape`): OpenAI's ``{"error": {"message", "type", "param", "code"}}``,
+or on the Anthropic Messages API ``{"type": "error", "error": {"type", "message"}}``, whose SDKs read
+nothing else. Nothing internal ever leaks to a client.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import orjson
 from aiohttp import web
@@ -125,25 +127,69 @@ def request_ids() -> Iterator[str]:
     return (f"{prefix}{n:08x}" for n in itertools.count(1))
 
 
-def error_response(error: LumenError, request_id: str) -> web.Response:
-    headers = {"x-request-id": request_id, **error.headers}
-    return web.Response(status=error.status, body=error.body(), content_type="application/json",
+class ErrorShape:
+    """OpenAI's error shape: the body of a refusal, and the event that ends a broken stream."""
+
+    name = "openai"
+
+    def body(self, error: LumenError) -> bytes:
+        return error.body()
+
+    def stream_event(self, error: LumenError) -> bytes:
+        """The SDKs raise on a ``data:`` event whose object has an ``error`` key."""
+        return b"data: " + self.body(error) + b"\n\n"
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": request_id}
+
+
+class AnthropicErrorShape(ErrorShape):
+    """Anthropic's: ``{"type": "error", "error": {"type", "message"}}``, its types by status, an
+    ``event: error`` in streams (the SDKs raise on that event name only) and a ``request-id`` header."""
+
+    name = "anthropic"
+    TYPES: Mapping[int, str] = {
+        400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+        404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large",
+        429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error",
+    }
+
+    def body(self, error: LumenError) -> bytes:
+        kind = self.TYPES.get(error.status, "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
+
+    def stream_event(self, error: LumenError) -> bytes:
+        return b"event: error\ndata: " + self.body(error) + b"\n\n"
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": request_id, "request-id": request_id}
+
+
+OPENAI_ERRORS = ErrorShape()
+ANTHROPIC_ERRORS = AnthropicErrorShape()
+
+
+def error_response(error: LumenError, request_id: str, shape: ErrorShape = OPENAI_ERRORS) -> web.Response:
+    headers = {**shape.headers(request_id), **error.headers}
+    return web.Response(status=error.status, body=shape.body(error), content_type="application/json",
                         headers=headers)
 
 
-def _translate_http(exc: web.HTTPException, request: web.Request) -> LumenError:
+def _translate_http(exc: web.HTTPException, request: web.Request, served: str) -> LumenError:
     if exc.status == 405:
         allow = exc.headers.get("Allow", "")  # RFC 9110: a 405 must say which methods are allowed
         return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.",
                                 headers={"Allow": allow})
     if exc.status == 404:
-        return NotFound(f"Unknown path {request.path}. The API lives under /v1/ (e.g. /v1/chat/completions).")
+        return NotFound(f"Lumen does not serve {request.method} {request.path}. It serves {served}.")
     if exc.status == 413:
         return PayloadTooLarge("Request body is too large.")
     return BadRequest(exc.reason or "Bad request.", code=None)
 
 
-def make_error_middleware() -> Middleware:
+def make_error_middleware(shape_of: Callable[[str], ErrorShape] = lambda path: OPENAI_ERRORS,
+                          served: str = "the OpenAI API under /v1/") -> Middleware:
+    """``shape_of(path)``: the error shape of a path's clients; ``served``: what a 404 says Lumen serves."""
     ids = request_ids()
 
     @web.middleware
@@ -157,17 +203,17 @@ def make_error_middleware() -> Middleware:
             if STREAM_STARTED in request:
                 log.error("%s after the stream of request %s started: %s", type(exc).__name__, request_id, exc)
                 return request[STREAM_STARTED]
-            return error_response(exc, request_id)
+            return error_response(exc, request_id, shape_of(request.path))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(_translate_http(exc, request), request_id)
+            return error_response(_translate_http(exc, request, served), request_id, shape_of(request.path))
         except Exception:
             log.exception("internal error on %s %s (request %s)", request.method, request.path, request_id)
             if STREAM_STARTED in request:  # a second status line inside a chunked body would corrupt it
                 return request[STREAM_STARTED]
             return error_response(InternalError("Internal error. The administrator can find it in the logs "
-                                                f"under request id {request_id}."), request_id)
+                                                f"under request id {request_id}."), request_id, shape_of(request.path))
         if not response.prepared:
             response.headers.setdefault("x-request-id", request_id)
         return response

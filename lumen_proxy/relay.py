@@ -24,11 +24,11 @@ import orjson
 from aiohttp import web
 
 from . import billing
-from .auth import Principal, account_limits, require_model, visible_models
+from .auth import Principal, account_limits, credentials, require_model, visible_models
 from .backends import BadAnswer, Upstream, connect, upstream_headers
 from .builtin import EchoUpstream
 from .config import Backend, Config, Model, Price
-from .endpoints import ENDPOINTS, Endpoint, WorstCase, check_fields, upstream_body, worst_case
+from .endpoints import ENDPOINTS, Endpoint, Usage, WorstCase, check_fields, upstream_body, worst_case
 from .errors import (
     REQUEST_ID,
     STREAM_STARTED,
@@ -37,11 +37,13 @@ from .errors import (
     InsufficientQuota,
     InternalError,
     LumenError,
+    NotFound,
     PayloadTooLarge,
     RateLimited,
     RequestTimeout,
     UpstreamTimeout,
 )
+from .owners import holder
 from .ratelimit import Admission, LimitSpec, Refusal
 from .runtime import RUNTIME, Runtime
 from .sse import SseScanner, StreamTooLarge
@@ -68,8 +70,10 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     wall: float = field(default_factory=time.time)
     status: int = 0
-    backend: str | None = None
+    backend: str | None = None  # its label
+    backend_used: Backend | None = None
     usage: Any = None  # the backend's "usage" object, as sent: validated when billed
+    response_id: str | None = None  # the id of a response the backend stores (Responses API)
     worst: WorstCase | None = None
     estimate: tuple[int, int] = (0, 0)  # billed only when no valid usage comes
     partial: bool = False
@@ -158,14 +162,15 @@ def model_subjects(principal: Principal, model: Model) -> list[tuple[str, LimitS
     return [(f"account:{principal.account.id}:{model.name}", model.limits)]
 
 
-async def refuse_early(rt: Runtime, principal: Principal, request_id: str) -> Admission:
+async def refuse_early(rt: Runtime, principal: Principal, request_id: str, billed: bool = True) -> Admission:
     """Admit on what the key alone tells (its limits, its coins) before a byte of the body is read."""
     admission: Admission | Refusal = await rt.limiter.admit(key_subjects(rt, principal), 0, request_id)
     if isinstance(admission, Refusal):
         rt.metrics.rate_limited(NO_MODEL, admission.limit)
         raise RateLimited(admission.message, headers=admission.headers())
     account = principal.account
-    if rt.wallets.available(account.id) <= 0 and not any(m.price == FREE for m in visible_models(rt.config, account)):
+    if billed and rt.wallets.available(account.id) <= 0 and \
+            not any(m.price == FREE for m in visible_models(rt.config, account)):
         admission.finish(0)
         raise InsufficientQuota(NO_COINS, headers=admission.headers())
     return admission
@@ -182,9 +187,32 @@ def body_limit(config: Config, account: AccountRow) -> int:
                default=config.max_body_bytes)
 
 
+def serving_backends(rt: Runtime, call: Call, model: Model, body: dict[str, Any]) -> tuple[Backend, ...]:
+    """The backends this request may go to: those of the model that serve its API, or, to continue a
+    stored response (``previous_response_id``), the one backend that holds it, for its account only."""
+    endpoint = call.endpoint
+    previous = body.get("previous_response_id") if endpoint.remembers else None
+    if previous is not None:
+        owner = rt.responses.owner(previous, call.principal.account.id)
+        if owner is None:
+            raise NotFound(f"Previous response with id '{previous}' not found.", param="previous_response_id",
+                           code=None)
+        held_by, backend = holder(rt.config, owner, previous)
+        if held_by is not model:
+            raise BadRequest(f"Previous response '{previous}' was made with the model `{owner.model}`: continue it "
+                             "with that model.", param="previous_response_id")
+        return (backend,)
+    backends = model.backends_for(endpoint.api)
+    if not backends:
+        served = [e.path for e in ENDPOINTS.values() if e.billed and model.backends_for(e.api)]
+        raise NotFound(f"The model `{model.name}` is not served on {endpoint.path}; it is served on "
+                       f"{', '.join(served)}.", param="model", code="model_not_found")
+    return backends
+
+
 async def relay(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(request.headers.get("Authorization"))
+    principal = await rt.view.identify(credentials(request.headers))
     storage = rt.usage.refusal()
     if storage is not None:  # fail closed, never a free pass; and no row added to the backlog that waits
         rt.metrics.storage_refusals.inc()
@@ -196,7 +224,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     model: Model | None = None
     rt.metrics.inflight.inc()
     try:
-        ticket = await refuse_early(rt, principal, call.request_id)
+        ticket = await refuse_early(rt, principal, call.request_id, endpoint.billed)
         raw = await read_body(request, body_limit(rt.config, principal.account), rt.config.timeouts.request_body)
         body = parse_body(raw)
         check_fields(body, endpoint)
@@ -208,17 +236,22 @@ async def relay(request: web.Request) -> web.StreamResponse:
         del raw  # only its size is needed from here on
         if model.max_body_bytes is not None and size > model.max_body_bytes:
             raise _over(model.max_body_bytes, model.name)
-        worst = call.worst = worst_case(body, size, endpoint, model)
-        refusal = await rt.limiter.extend(ticket, model_subjects(principal, model), worst.tokens)
+        backends = serving_backends(rt, call, model, body)
+        worst = worst_case(body, size, endpoint, model)
+        refusal = await rt.limiter.extend(ticket, model_subjects(principal, model),
+                                          worst.tokens if endpoint.billed else 0)
         if refusal is not None:
             rt.metrics.rate_limited(model.name, refusal.limit)
             raise RateLimited(refusal.message, headers=refusal.headers())
-        hold = await rt.wallets.reserve(principal.account.id, billing.cost(model.price, worst.prompt, worst.completion),
-                                        call.request_id)
-        if hold is None:
-            raise InsufficientQuota(NO_COINS)
-        call.estimate = (worst.typical_prompt, 0)
-        return await forward(request, rt, call, model, body, worst, ticket)
+        if endpoint.billed:
+            call.worst = worst
+            hold = await rt.wallets.reserve(principal.account.id,
+                                            billing.worst_cost(model.price, worst.prompt, worst.completion),
+                                            call.request_id)
+            if hold is None:
+                raise InsufficientQuota(NO_COINS)
+            call.estimate = (worst.typical_prompt, 0)
+        return await forward(request, rt, call, model, body, worst, ticket, backends)
     except LumenError as exc:
         call.status = exc.status
         if ticket is not None:
@@ -238,8 +271,8 @@ async def relay(request: web.Request) -> web.StreamResponse:
 def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | None,
            ticket: Admission | None) -> None:
     """Settle the hold, reconcile the limiter and record the row. Never awaits."""
-    prompt, completion, estimated, capped = tokens_of(call)
-    price_cost = billing.cost(model.price, prompt, completion) if model is not None else 0
+    prompt, completion, cached, estimated, capped = tokens_of(call)
+    price_cost = billing.cost(model.price, prompt, completion, cached) if model is not None else 0
     if hold is not None:
         rt.wallets.settle(hold, price_cost)
     else:
@@ -258,31 +291,34 @@ def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | No
         ttfb_ms=call.ms_since_start(call.first_byte_at) if call.first_byte_at else None,
         details=_details(call.usage),
     )
+    if call.response_id is not None and call.status == 200 and model is not None and call.backend_used is not None:
+        rt.responses.remember(call.response_id, call.principal.account.id, model.name, call.backend_used)
     rt.usage.record(row, call.principal.account.name, prompt=call.prompt)
     rt.metrics.request_done(row, call.principal.account.name)
 
 
-def tokens_of(call: Call) -> tuple[int, int, bool, bool]:
-    """(prompt, completion, estimated, capped): valid usage capped at the request's bound, else an estimate.
+def tokens_of(call: Call) -> tuple[int, int, int, bool, bool]:
+    """(prompt, completion, cached, estimated, capped): valid usage capped at the request's bound, else an
+    estimate.
 
     The estimate is billed when output was delivered (a stream cut off after events went out, an
     answer whose usage is missing or invalid) and when the client left after the backend started
     working (like a cut-off stream); never when the request failed before any output.
     """
     if call.worst is None:
-        return 0, 0, False, False
+        return 0, 0, 0, False, False
     max_prompt, max_completion = call.worst.bound()
-    usage = call.endpoint.usage(call.usage) if call.usage is not None else None
+    usage: Usage | None = call.endpoint.usage(call.usage) if call.usage is not None else None
     if usage is not None:
-        prompt, completion = usage
-        return min(prompt, max_prompt), min(completion, max_completion), False, (
-            prompt > max_prompt or completion > max_completion)
+        prompt, completion = min(usage.prompt, max_prompt), min(usage.completion, max_completion)
+        return prompt, completion, min(usage.cached, prompt), False, (
+            usage.prompt > max_prompt or usage.completion > max_completion)
     client_left = call.status == 499 and call.upstream_at is not None
     cut_off = call.partial and call.estimate[1] > 0  # a stream that broke after events went out
     if not client_left and (call.first_byte_at is None or (call.status >= 400 and not cut_off)):
-        return 0, 0, False, False
+        return 0, 0, 0, False, False
     completion = max(call.estimate[1], 1) if call.endpoint.output_fields else 0
-    return min(call.estimate[0], max_prompt), min(completion, max_completion), True, False
+    return min(call.estimate[0], max_prompt), min(completion, max_completion), 0, True, False
 
 
 def _short(value: Any) -> str:
@@ -292,30 +328,34 @@ def _short(value: Any) -> str:
 
 
 def _details(usage: Any) -> dict[str, Any] | None:
+    """What a usage object says beyond the two counts: OpenAI's ``*_details`` objects (cached, reasoning,
+    audio tokens) and Anthropic's ``cache_*`` counts."""
     if not usage or not isinstance(usage, dict):
         return None
-    details = {k: v for k, v in usage.items() if k.endswith("_details") and isinstance(v, dict) and v}
+    details = {k: v for k, v in usage.items() if (k.endswith("_details") and isinstance(v, dict) and v)
+               or (k.startswith("cache_") and type(v) is int and v > 0)}
     return details or None
 
 
 async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, body: dict[str, Any],
-                  worst: WorstCase, ticket: Admission) -> web.StreamResponse:
+                  worst: WorstCase, ticket: Admission, backends: tuple[Backend, ...]) -> web.StreamResponse:
     injected: dict[str, bool] = {}
     endpoint = call.endpoint
 
     async def dial(backend: Backend) -> Upstream:
         send, injected[backend.url] = upstream_body(body, endpoint, backend, worst)
         encoded = _encode(send)  # also for the built-in backend: what no HTTP backend could take, it refuses too
-        call.backend = backend.label
+        call.backend, call.backend_used = backend.label, backend
         call.upstream_at = time.perf_counter()
         if backend.is_builtin:
             return EchoUpstream(endpoint.upstream, send)
-        return await rt.client.post(backend, endpoint.upstream, encoded,
-                                    upstream_headers(request.headers, backend, call.request_id))
+        headers = upstream_headers(request.headers, backend, call.request_id, endpoint.forward_headers,
+                                   endpoint.sends_x_api_key)
+        return await rt.client.post(backend, endpoint.upstream, encoded, headers)
 
-    backend, upstream = await connect(rt.pool, model, dial, account=call.principal.account.id)
+    backend, upstream = await connect(rt.pool, model, dial, account=call.principal.account.id, backends=backends)
     call.first_byte_at = time.perf_counter()
-    headers = {"x-request-id": call.request_id, **ticket.headers()}
+    headers = {**endpoint.errors.headers(call.request_id), **ticket.headers()}
     try:
         if 300 <= upstream.status < 400:  # we follow no redirects, and relaying one without its Location is junk
             log.warning("backend %s answered %d (a redirect): check its url", backend.label, upstream.status)
@@ -335,31 +375,44 @@ def _encode(body: dict[str, Any]) -> bytes:
 
 
 async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str], limit: int) -> web.Response:
-    try:
-        data = await upstream.read(limit)
-    except (aiohttp.ClientError, TimeoutError, BadAnswer) as exc:
-        if isinstance(exc, BadAnswer):
-            log.warning("request %s: cannot relay the answer of %s: %s", call.request_id, call.backend, exc)
-        raise _broken(exc) from exc
+    data = await read_answer(upstream, limit, call.request_id)
     call.status = upstream.status
-    if upstream.status == 200:
-        call.usage = _usage_of(data)
+    if upstream.status == 200 and call.endpoint.billed:
+        answer = _answer_of(data)
+        call.usage = answer.get("usage")
+        if call.endpoint.remembers and isinstance(answer.get("id"), str):
+            call.response_id = answer["id"]
         call.estimate = (call.estimate[0], len(data) // 4)
     headers["Server-Timing"] = call.server_timing()
+    return answer_response(upstream, headers, data)
+
+
+async def read_answer(upstream: Upstream, limit: int, request_id: str) -> bytes:
+    """The backend's whole answer; 502 (or 504) when it cannot be read."""
+    try:
+        return await upstream.read(limit)
+    except (aiohttp.ClientError, TimeoutError, BadAnswer) as exc:
+        if isinstance(exc, BadAnswer):
+            log.warning("request %s: cannot relay a backend's answer: %s", request_id, exc)
+        raise _broken(exc) from exc
+
+
+def answer_response(upstream: Upstream, headers: dict[str, str], data: bytes) -> web.Response:
+    """The answer as the backend sent it, with its Content-Type and retry headers."""
     headers["Content-Type"] = upstream.content_type
     headers.update(upstream.retry_headers)
     return web.Response(status=upstream.status, body=data, headers=headers)
 
 
-def _usage_of(data: bytes) -> Any:
-    """The ``usage`` value of a JSON answer, whatever its type (validated when billed), or None."""
-    if b'"usage"' not in data:
-        return None
+def _answer_of(data: bytes) -> dict[str, Any]:
+    """A JSON answer's top-level object, for its ``usage`` (validated when billed) and ``id``; {} if none."""
+    if b'"usage"' not in data and b'"id"' not in data:
+        return {}
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None
-    return parsed.get("usage") if isinstance(parsed, dict) else None
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _broken(exc: BaseException) -> LumenError:
@@ -371,7 +424,7 @@ def _broken(exc: BaseException) -> LumenError:
 async def relay_stream(request: web.Request, call: Call, upstream: Upstream, headers: dict[str, str],
                        injected: bool) -> web.StreamResponse:
     """Pass SSE through as it arrives. Once the first byte is out, errors can only end the stream."""
-    scanner = SseScanner(drop_usage_chunk=injected)
+    scanner = SseScanner(drop_usage_chunk=injected, reader=call.endpoint.stream)
     headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                     "X-Accel-Buffering": "no", "Server-Timing": call.server_timing()})
     response = web.StreamResponse(status=200, headers=headers)
@@ -398,24 +451,24 @@ async def relay_stream(request: web.Request, call: Call, upstream: Upstream, hea
         call.partial = not scanner.done
     except (aiohttp.ClientError, TimeoutError, StreamTooLarge, ConnectionError, BadAnswer):
         call.status, call.partial = 502, True
-        await _end_with_error(response, BadGateway("The model backend broke off the stream."))
+        await _end_with_error(response, call, BadGateway("The model backend broke off the stream."))
         return response
     except Exception:  # a bug of ours: the stream can only end, with an event the SDKs raise on
         log.exception("internal error in the stream of request %s", call.request_id)
         call.status, call.partial = 500, True
-        await _end_with_error(response, InternalError("Internal error. The administrator can find it in the logs "
-                                                      f"under request id {call.request_id}."))
+        await _end_with_error(response, call, InternalError("Internal error. The administrator can find it in "
+                                                            f"the logs under request id {call.request_id}."))
         return response
     finally:
-        call.usage = scanner.usage
+        call.usage, call.response_id = scanner.usage, scanner.response_id
         call.estimate = (call.estimate[0], scanner.events)
     await response.write_eof()
     return response
 
 
-async def _end_with_error(response: web.StreamResponse, error: LumenError) -> None:
+async def _end_with_error(response: web.StreamResponse, call: Call, error: LumenError) -> None:
     """Tell an SSE client the stream broke (the SDKs raise on an error event), then end."""
-    event = b"data: " + error.body() + b"\n\n"
+    event = call.endpoint.errors.stream_event(error)
     try:
         await response.write(event)
         await response.write_eof()

@@ -29,6 +29,7 @@ from .backends import BackendPool, HttpClient, check_backends
 from .billing import Coins, Wallets
 from .config import Config
 from .metrics import Metrics
+from .owners import ResponseOwners
 from .ratelimit import Limiter, MemoryLimiter
 from .store import ServerLocked as ServerLocked  # server.py imports it from here
 from .store import StorageFailure, Store, StoreError, store_for
@@ -64,6 +65,7 @@ class Runtime:
     pool: BackendPool
     client: HttpClient
     metrics: Metrics
+    responses: ResponseOwners
     started: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -81,6 +83,7 @@ class Runtime:
         self.pool.timeouts = config.timeouts
         self.client.timeouts = config.timeouts
         self.usage.backlog = config.usage_backlog
+        self.responses.keep, self.responses.ttl = config.response_ids.keep, config.response_ids.hours * 3600
 
     def backend_states(self) -> dict[tuple[str, str], bool]:
         return {(m.name, b.label): self.pool.state(b).up for m in self.config.models for b in m.backends}
@@ -162,6 +165,8 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
                            backlog=config.usage_backlog, clock=monotonic),
             limiter=shared.limiter, pool=pool, client=HttpClient(config.timeouts),
             metrics=Metrics(),
+            responses=ResponseOwners(keep=config.response_ids.keep, ttl=config.response_ids.hours * 3600,
+                                     clock=monotonic),
         )
         try:
             await rt.usage.replay()  # before the view loads the balances: they include these debits

@@ -1,9 +1,10 @@
 """Observe an SSE stream on its way through without rewriting it.
 
-Bytes are passed on up to the last complete event boundary, unchanged. Only events that carry a
-non-null ``"usage"`` are parsed (to bill them, once validated); the usage-only chunk (``"choices": []``) is
-dropped when the proxy asked for usage on the client's behalf. Everything else is never decoded, so
-tool-call argument deltas and vendor fields reach the client exactly as the backend sent them.
+Bytes are passed on up to the last complete event boundary, unchanged. Only the events the API's
+:class:`.endpoints.StreamReader` marks are parsed (those that carry usage or a response id, to bill
+them once validated); the usage-only chunk of chat (``"choices": []``) is dropped when the proxy asked for
+usage on the client's behalf. Everything else is never decoded, so tool-call argument deltas and vendor
+fields reach the client exactly as the backend sent them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 
 import orjson
 
+from .endpoints import CHAT_STREAM, StreamReader
+
 MAX_PENDING = 4 * 1024 * 1024  # a single event larger than this is not SSE we can relay
-_USAGE = re.compile(rb'"usage"\s*:\s*(?!null\b)')  # any usage but OpenAI's per-chunk null: validated when billed
 _EVENT = re.compile(rb"(.*?)(\r\n\r\n|\n\n)", re.DOTALL)
 
 
@@ -42,9 +44,11 @@ def _event_json(event: bytes) -> Any:
 class SseScanner:
     """Feed upstream chunks; get back the bytes to send on, with usage noted on the side."""
 
-    def __init__(self, *, drop_usage_chunk: bool) -> None:
+    def __init__(self, *, drop_usage_chunk: bool, reader: StreamReader = CHAT_STREAM) -> None:
         self.drop_usage_chunk = drop_usage_chunk
-        self.usage: Any = None  # the last non-null "usage" value, whatever its type
+        self.reader = reader
+        self.usage: Any = None  # the usage the reader found, whatever its type: validated when billed
+        self.response_id: str | None = None
         self.events = 0
         self.done = False
         self._pending = bytearray()
@@ -66,26 +70,24 @@ class SseScanner:
         """Whatever trails the last boundary (a backend that ends without a blank line): sent as is."""
         rest, self._pending = bytes(self._pending), bytearray()
         self.events += rest.count(b"data:")
-        if _USAGE.search(rest):
-            self._take_usage(rest)
+        if self.reader.marker.search(rest):
+            self._take(rest)
         return rest
 
     def _observe(self, ready: bytes) -> bytes:
         """``ready`` ends on an event boundary; pass it on, minus a usage-only chunk we asked for."""
         self.events += ready.count(b"data:")
-        if b"[DONE]" in ready:
+        done = self.reader.done_marker
+        if done is not None and done in ready:
             self.done = True
-        if b'"usage"' not in ready or not _USAGE.search(ready):
+        marker = self.reader.marker
+        if not marker.search(ready):
             return ready
         kept = [event for event in (m.group(0) for m in _EVENT.finditer(ready))
-                if not (_USAGE.search(event) and self._take_usage(event))]
+                if not (marker.search(event) and self._take(event))]
         return b"".join(kept)
 
-    def _take_usage(self, event: bytes) -> bool:
-        """Record the usage of ``event``; True if the event must be dropped."""
+    def _take(self, event: bytes) -> bool:
+        """Let the reader see ``event``; True if the event must be dropped."""
         data = _event_json(event)
-        if not isinstance(data, dict) or data.get("usage") is None:
-            return False
-        self.usage = data["usage"]
-        self.events -= 1
-        return self.drop_usage_chunk and data.get("choices") == []
+        return isinstance(data, dict) and self.reader.take(data, self)

@@ -166,10 +166,14 @@ async def test_unknown_path_is_404(proxy: Proxy, alice: str, http: aiohttp.Clien
 
 
 async def test_unknown_post_path_is_404(proxy: Proxy, alice: str, http: aiohttp.ClientSession) -> None:
+    """The 404 names the path and says what Lumen serves (it used to say only "the API lives under /v1/")."""
     body = {"model": "gpt-4o", "input": "hi"}
-    async with http.post(proxy.base_url + "/responses", json=body,
+    async with http.post(proxy.base_url + "/audio/speech", json=body,
                          headers={"Authorization": f"Bearer {alice}"}) as response:
-        await error_of(response, 404)
+        error = await error_of(response, 404)
+    assert "POST /v1/audio/speech" in error["message"]
+    for path in ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/embeddings"):
+        assert path in error["message"]
 
 
 # ---- 405 ----
