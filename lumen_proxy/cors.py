@@ -13,7 +13,7 @@ from aiohttp.typedefs import Handler
 from .runtime import RUNTIME
 
 EXPOSED = ", ".join((
-    "x-request-id", "Server-Timing", "Retry-After", "retry-after-ms",
+    "x-request-id", "request-id", "Server-Timing", "Retry-After", "retry-after-ms",
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
     "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
 ))

@@ -26,20 +26,21 @@ from .runtime import RUNTIME
 async def follow_up(request: web.Request) -> web.StreamResponse:
     """Relay a stateful call on a response to the backend that made it, for the account that made it.
 
-    Not billed (nothing is generated); counted by the key's and account's rate limits like any request.
+    Not billed (nothing is generated); counted by the key's and account's rate limits like any request,
+    before the id is looked at.
     """
     rt = request.app[RUNTIME]
     principal = await rt.view.identify(credentials(request.headers))
-    response_id = request.match_info["response_id"]
-    owner = rt.responses.owner(response_id, principal.account.id)
-    if owner is None:
-        raise not_found(response_id)
-    model, held = holder(rt.config, owner, response_id)
-    require_model(rt.config, principal.account, model.name)  # access may have been taken away since
     admission = await rt.limiter.admit(key_subjects(rt, principal), 0, request[REQUEST_ID])
-    if isinstance(admission, Refusal):
+    if isinstance(admission, Refusal):  # first: probing ids counts against the key's limits like any request
         raise RateLimited(admission.message, headers=admission.headers())
     try:
+        response_id = request.match_info["response_id"]
+        owner = rt.responses.owner(response_id, principal.account.id)
+        if owner is None:
+            raise not_found(response_id)
+        model, held = holder(rt.config, owner, response_id)
+        require_model(rt.config, principal.account, model.name)  # access may have been taken away since
         action = request.match_info.get("action")
         path = "/responses/" + quote(response_id, safe="") + ("/" + action if action else "")
         query = "?" + request.query_string if request.query_string else ""
