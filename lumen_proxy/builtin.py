@@ -4,6 +4,7 @@ It answers in OpenAI's exact wire format (chat, completions, embeddings; streams
 ``stream_options.include_usage``), so the whole proxy path (auth, limits, billing, SSE relay) is the
 same one real backends take. Replies repeat the last user message; token counts are word counts.
 Like a real server it stops at ``max_tokens`` (the relay always sets one) and answers ``n`` choices.
+The Responses and Anthropic Messages APIs, and the stored-response follow-ups, are in ``builtin_formats``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+
+from .builtin_formats import Answer, answer
 
 STREAM_DELAY = 0.01  # seconds between chunks, so streaming is visible in a terminal
 
@@ -64,13 +67,25 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class EchoUpstream:
-    """Looks like an HTTP upstream response to the relay."""
+_ANSWERED_HERE = ("/chat/completions", "/completions", "/embeddings")  # the rest: builtin_formats
 
-    def __init__(self, path: str, body: dict[str, Any]) -> None:
-        self.path, self.body = path, body
-        self.status = 200
-        self.stream = body.get("stream") is True and path != "/embeddings"
+
+class EchoUpstream:
+    """Looks like an HTTP upstream response to the relay.
+
+    ``path`` is relative to the API root (``/chat/completions``, ``/responses/resp_1/input_items``);
+    ``body`` is the JSON body, None for GET, DELETE and cancel.
+    """
+
+    def __init__(self, path: str, body: dict[str, Any] | None, method: str = "POST") -> None:
+        self.path, self.body = path, body or {}
+        # Answered at once (the relay reads `status` first); None for chat, completions and embeddings.
+        self.answer: Answer | None = None if path in _ANSWERED_HERE else answer(path, body, method)
+        self.status = 200 if self.answer is None else self.answer.status
+        if self.answer is not None:
+            self.stream = self.answer.is_stream
+        else:
+            self.stream = self.body.get("stream") is True and path != "/embeddings"
         self.content_type = "text/event-stream" if self.stream else "application/json"
         self.retry_headers: dict[str, str] = {}
         self.id = "chatcmpl-" + secrets.token_hex(12)
@@ -78,6 +93,8 @@ class EchoUpstream:
         self.closed = False
 
     async def read(self, limit: int = 0) -> bytes:
+        if self.answer is not None:
+            return self.answer.body()
         prompt = _prompt_tokens(self.body)
         model = self.body.get("model", "echo")
         if self.path == "/embeddings":
@@ -106,6 +123,13 @@ class EchoUpstream:
     async def chunks(self) -> AsyncIterator[bytes]:
         if not self.stream:
             yield await self.read()
+            return
+        if self.answer is not None:
+            for frame in self.answer.frames():
+                if self.closed:
+                    return
+                yield frame
+                await asyncio.sleep(STREAM_DELAY)
             return
         options = self.body.get("stream_options")
         with_usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from .config import API_NAMES, Backend, Model
-from .errors import ANTHROPIC_ERRORS, OPENAI_ERRORS, BadRequest, ErrorShape
+from .errors import ANTHROPIC_ERRORS, OPENAI_ERRORS, RESPONSES_ERRORS, BadRequest, ErrorShape
 
 INT32_MAX = 2**31 - 1
 MAX_CHOICES = 128  # OpenAI's limit on n; best_of is held to it too
@@ -232,7 +232,7 @@ ENDPOINTS: Mapping[str, Endpoint] = {e.path: e for e in (
     Endpoint("/v1/embeddings", "/embeddings", "embeddings", False, (), (), "input", one_prompt, embedding_usage,
              media=False),
     Endpoint("/v1/responses", "/responses", "responses", True, ("max_output_tokens",), (), "input", one_prompt,
-             responses_usage, RESPONSES_STREAM, remembers=True, refused={"background": BACKGROUND}),
+             responses_usage, RESPONSES_STREAM, RESPONSES_ERRORS, remembers=True, refused={"background": BACKGROUND}),
     Endpoint("/v1/messages", "/messages", "messages", True, ("max_tokens",), (), "messages", one_prompt,
              messages_usage, MESSAGES_STREAM, ANTHROPIC_ERRORS, output_required=True,
              forward_headers=MESSAGES_HEADERS, sends_x_api_key=True),

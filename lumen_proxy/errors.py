@@ -143,6 +143,19 @@ class ErrorShape:
         return {"x-request-id": request_id}
 
 
+class ResponsesErrorShape(ErrorShape):
+    """The Responses API's: OpenAI's body; in streams an ``event: error`` whose data is the API's error
+    event (``type``, ``code``, ``message``, ``param``, read by clients that switch on ``type``) that also
+    holds OpenAI's ``error`` object (the openai SDKs raise only on that)."""
+
+    name = "responses"
+
+    def stream_event(self, error: LumenError) -> bytes:
+        data = {"type": "error", "code": error.code, "message": error.message, "param": error.param,
+                "error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+        return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
 class AnthropicErrorShape(ErrorShape):
     """Anthropic's: ``{"type": "error", "error": {"type", "message"}}``, its types by status, an
     ``event: error`` in streams (the SDKs raise on that event name only) and a ``request-id`` header."""
@@ -166,6 +179,7 @@ class AnthropicErrorShape(ErrorShape):
 
 
 OPENAI_ERRORS = ErrorShape()
+RESPONSES_ERRORS = ResponsesErrorShape()
 ANTHROPIC_ERRORS = AnthropicErrorShape()
 
 

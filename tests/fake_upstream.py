@@ -1,7 +1,18 @@
-"""A fake OpenAI-compatible model server (standing in for vLLM or OpenAI) for the proxy's tests.
+"""A fake OpenAI-compatible model server (standing in for vLLM, llama.cpp's llama-server or OpenAI) for
+the proxy's tests.
 
-It speaks the wire format the real `openai` SDKs parse (checked by tests/test_fake_upstream.py with the
-Python SDK and the Node examples), so a proxy test that passes here relays what a real backend sends.
+It speaks the wire formats the real SDKs parse (checked by tests/test_fake_upstream.py with the `openai`
+Python SDK, the Node examples and the `anthropic` SDK), so a proxy test that passes here relays what a
+real backend sends. Where each format was taken from:
+- chat, completions, embeddings: OpenAI's API reference and vLLM's OpenAI server.
+- Responses (POST /v1/responses, GET/DELETE /v1/responses/{id}, .../cancel, .../input_items): vLLM's
+  vllm/entrypoints/openai/responses/ (serving.py, protocol.py, api_router.py), checked against
+  llama.cpp's tools/server/server-task.cpp (to_json_oaicompat_resp*) and openai/types/responses/.
+  DELETE and input_items follow OpenAI's reference (vLLM serves neither).
+- Anthropic Messages (POST /v1/messages, /v1/messages/count_tokens): vLLM's vllm/entrypoints/anthropic/
+  (serving.py, protocol.py, api_router.py), checked against llama.cpp's server-task.cpp
+  (to_json_anthropic*), anthropic/types/ and anthropic/lib/streaming/_messages.py.
+Where the servers differ the fake follows vLLM and says so in a comment.
 
 Two invariants make it useful as a double:
 - Everything is deterministic and derived from the request: the reply text names the upstream, the
@@ -12,7 +23,10 @@ Two invariants make it useful as a double:
   delivered, and whether the client went away mid-response (`UpstreamState.disconnected`).
 
 Behaviour is steered through `UpstreamState.behavior` (a mutable `Behavior`), which tests change
-between requests: failures, slowness, dying mid-stream, missing usage, old-vLLM quirks.
+between requests: failures, slowness, dying mid-stream, missing usage, old-vLLM quirks. The same knobs
+apply to every route; errors of the /v1/messages routes come in Anthropic's shape, all others in OpenAI's.
+Responses created with `store` (the default) are kept in `UpstreamState.stored_responses`, and every
+created id in `UpstreamState.response_ids`, so a test can tell which backend a follow-up reached.
 """
 
 from __future__ import annotations
@@ -51,6 +65,7 @@ TOOL_ARGUMENTS = '{"city": "Paris"}'
 # Split mid-key and mid-value on purpose: a relay that parses or re-chunks fragments breaks here.
 TOOL_ARGUMENT_FRAGMENTS = ('{"', "ci", 'ty": "', "Par", "is", '"}')
 CREATED = 1_700_000_000  # a fixed `created` keeps recorded bytes comparable across runs
+MID_STREAM_FAILURE = "The upstream model failed mid-stream."
 
 # What OpenAI says for the statuses tests make the fake fail with (type, message, code).
 _FAILURES: dict[int, tuple[str, str, str | None]] = {
@@ -79,8 +94,13 @@ class Behavior:
     keep_alive: bool = False  # an SSE comment `: keep-alive` before every data event
     omit_usage: bool = False  # no usage anywhere, even when include_usage was asked for
     stream_options: StreamOptionsPolicy = "accept"  # "reject...": 400 like older vLLM builds
-    cached_tokens: int = 0  # reported as usage.prompt_tokens_details.cached_tokens
-    reply: str | None = None  # replaces the echo text of chat and text completions
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (Responses: input_tokens_details)
+    cache_read_tokens: int = 0  # Anthropic usage.cache_read_input_tokens (taken out of its input_tokens)
+    cache_creation_tokens: int = 0  # Anthropic usage.cache_creation_input_tokens (likewise taken out)
+    # A Responses stream cut at max_output_tokens ends with `response.completed` carrying status "incomplete"
+    # (vLLM); True ends it with `response.incomplete` instead (OpenAI, recent llama.cpp).
+    incomplete_event: bool = False
+    reply: str | None = None  # replaces the echo text of chat, text completions, Responses and Messages
     # Lying backends: when set, this value is sent as `usage` verbatim (any JSON: -5, "12", {}, 2**63...).
     usage_override: Any = NOT_SET
     ignore_max_tokens: bool = False  # generate the whole reply whatever max_tokens says (Ollama's default)
@@ -111,13 +131,35 @@ class RecordedRequest:
         return self.headers.get("Authorization")
 
     def events(self) -> list[Any]:
-        """The decoded `data:` payloads of a stream response, "[DONE]" kept as the string."""
+        """The decoded `data:` payloads of a stream response, "[DONE]" kept as the string; the `event:`
+        lines of Responses and Anthropic streams are skipped (each payload repeats its name as "type")."""
         events: list[Any] = []
         for block in bytes(self.sent).split(b"\n\n"):
-            if block.startswith(b"data: "):
-                payload = block[len(b"data: ") :]
-                events.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+            for line in block.split(b"\n"):
+                if line.startswith(b"data: "):
+                    payload = line[len(b"data: ") :]
+                    events.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
         return events
+
+    def event_names(self) -> list[str | None]:
+        """The `event:` name of each SSE block that carries data (None where a block has no name)."""
+        names: list[str | None] = []
+        for block in bytes(self.sent).split(b"\n\n"):
+            lines = block.split(b"\n")
+            if any(line.startswith(b"data: ") for line in lines):
+                named = [line[len(b"event: ") :].decode() for line in lines if line.startswith(b"event: ")]
+                names.append(named[0] if named else None)
+        return names
+
+
+@dataclass
+class StoredResponse:
+    """A created Responses object, as GET /v1/responses/{id} answers it, and what follow-ups need."""
+
+    response: JSON
+    input_items: list[JSON]  # what GET .../input_items lists (oldest first)
+    conversation: list[JSON]  # chat-style history a follow-up's previous_response_id continues
+    pending: JSON | None = None  # a background response's finished object, shown from the first GET on
 
 
 @dataclass
@@ -130,6 +172,8 @@ class UpstreamState:
     requests: list[RecordedRequest] = field(default_factory=list)
     disconnects: int = 0
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    response_ids: list[str] = field(default_factory=list)  # every id POST /v1/responses created here, in order
+    stored_responses: dict[str, StoredResponse] = field(default_factory=dict)  # those created with store
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -140,9 +184,11 @@ class UpstreamState:
         return [r for r in self.requests if r.path == path]
 
     def reset(self) -> None:
-        """Forget recordings and restore default behaviour (the same state object stays shared)."""
+        """Forget recordings and stored responses, restore default behaviour (the state object stays shared)."""
         self.behavior = Behavior()
         self.requests.clear()
+        self.response_ids.clear()
+        self.stored_responses.clear()
         self.disconnects = 0
         self.disconnected = asyncio.Event()
 
@@ -215,6 +261,13 @@ def make_upstream(name: str = "up1", models: Sequence[str] = ("fake-model",)) ->
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_get("/v1/responses/{response_id}", _retrieve_response)
+    app.router.add_delete("/v1/responses/{response_id}", _delete_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", _cancel_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", _list_input_items)
+    app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/v1/messages/count_tokens", _count_tokens)
     return app
 
 
@@ -280,34 +333,80 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def _refusal(state: UpstreamState, request: web.Request, body: Any) -> web.Response | None:
-    """The error response the behaviour or the request calls for, checked before any handler."""
+    """The error response the behaviour or the request calls for, checked before any handler; in
+    Anthropic's error shape on the /v1/messages routes, in OpenAI's everywhere else."""
     behavior = state.behavior
-    if behavior.api_key is not None and request.headers.get("Authorization") != f"Bearer {behavior.api_key}":
-        return error_response(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+    anthropic = request.path.startswith("/v1/messages")
+    fail = _anthropic_failure if anthropic else _openai_failure
+    if behavior.api_key is not None and not _authorized(request, behavior.api_key, anthropic):
+        return fail(401, "invalid_api_key")
     if behavior.fail_status is not None and behavior.fail_times != 0:
         if behavior.fail_times is not None:
             behavior.fail_times -= 1
-        kind, message, code = _FAILURES.get(behavior.fail_status, ("server_error", "Upstream failure.", None))
-        return error_response(behavior.fail_status, message, kind, code=code)
+        return fail(behavior.fail_status, None)
     if request.method != "POST":
         return None
     if behavior.canned is not None:
         status, headers, payload = behavior.canned
         return web.Response(status=status, headers=headers, body=payload)
+    if request.path.endswith("/cancel"):  # POST /v1/responses/{id}/cancel has no body
+        return None
     if not isinstance(body, dict):
-        return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        return fail(400, "unparsable_body")
     model = body.get("model")
     if not isinstance(model, str):
-        return error_response(400, "you must provide a model parameter", "invalid_request_error", param="model")
+        return fail(400, "missing_model")
     if behavior.strict_models and model not in state.models:
-        message = f"The model `{model}` does not exist or you do not have access to it."
-        return error_response(404, message, "invalid_request_error", code="model_not_found")
-    if "stream_options" in body and (
+        return fail(404, "model_not_found", model)
+    if "stream_options" in body and not anthropic and (
         behavior.stream_options == "reject"
         or (behavior.stream_options == "reject_unless_stream" and not body.get("stream"))
     ):
         return _old_vllm_stream_options_error(body)
     return None
+
+
+def _authorized(request: web.Request, key: str, anthropic: bool) -> bool:
+    """Bearer everywhere; the Anthropic routes also take `x-api-key` (Anthropic's header, which older
+    anthropic SDKs send; 2.x sends Bearer)."""
+    bearer = request.headers.get("Authorization") == f"Bearer {key}"
+    return bearer or (anthropic and request.headers.get("x-api-key") == key)
+
+
+def _openai_failure(status: int, reason: str | None, model: str = "") -> web.Response:
+    if reason == "invalid_api_key":
+        return error_response(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+    if reason == "unparsable_body":
+        return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+    if reason == "missing_model":
+        return error_response(400, "you must provide a model parameter", "invalid_request_error", param="model")
+    if reason == "model_not_found":
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return error_response(404, message, "invalid_request_error", code="model_not_found")
+    kind, message, code = _FAILURES.get(status, ("server_error", "Upstream failure.", None))
+    return error_response(status, message, kind, code=code)
+
+
+# Anthropic's error type for each status it documents (529 is its "overloaded").
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                          500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def _anthropic_failure(status: int, reason: str | None, model: str = "") -> web.Response:
+    messages = {"invalid_api_key": "invalid x-api-key", "unparsable_body": "Request body is not valid JSON.",
+                "missing_model": "model: Field required"}
+    if reason == "model_not_found":
+        message = f"model: {model}"
+    else:
+        message = messages.get(reason or "", "Overloaded" if status in (503, 529) else "Internal server error")
+    return anthropic_error_response(status, message)
+
+
+def anthropic_error_response(status: int, message: str) -> web.Response:
+    """An Anthropic-shaped error: {"type": "error", "error": {"type", "message"}}."""
+    payload = {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+    return web.Response(status=status, body=dumps(payload), content_type="application/json")
 
 
 def _old_vllm_stream_options_error(body: JSON) -> web.Response:
@@ -371,6 +470,17 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> JS
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def _with_usage(behavior: Behavior, payload: JSON, usage: JSON) -> JSON:
+    """`payload` carrying the usage the backend reports (usage_override), or none (omit_usage)."""
+    if behavior.omit_usage:
+        return {k: v for k, v in payload.items() if k != "usage"}
+    return {**payload, "usage": _reported(behavior, usage)}
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=dumps(payload), content_type="application/json")
 
 
 def _include_usage(body: JSON) -> bool:
@@ -450,9 +560,13 @@ def _n(body: JSON) -> int:
 
 def _capped(behavior: Behavior, body: JSON, pieces: list[str]) -> tuple[list[str], str]:
     """The reply cut at max_tokens (one piece per token), unless the backend ignores max_tokens."""
-    max_tokens = _max_tokens(body)
-    if not behavior.ignore_max_tokens and max_tokens is not None and len(pieces) > max_tokens:
-        return pieces[:max_tokens], "length"
+    return _cut(behavior, _max_tokens(body), pieces)
+
+
+def _cut(behavior: Behavior, cap: Any, pieces: list[str]) -> tuple[list[str], str]:
+    """`pieces` cut at an output cap (max_tokens, max_output_tokens), with chat's finish_reason."""
+    if not behavior.ignore_max_tokens and isinstance(cap, int) and len(pieces) > cap:
+        return pieces[:cap], "length"
     return pieces, "stop"
 
 
@@ -494,12 +608,29 @@ async def _stream_chat(
 async def _write_stream(
     request: web.Request, body: JSON, chunk_base: JSON, events: list[JSON], usage: JSON
 ) -> web.StreamResponse:
-    """Send `events` as SSE, one write each, with the usage chunk and [DONE] the request asked for."""
-    state = request.app[UPSTREAM_STATE]
-    behavior = state.behavior
+    """Send chat/completions `events` as SSE, with the usage chunk and [DONE] the request asked for."""
+    behavior = request.app[UPSTREAM_STATE].behavior
     if _include_usage(body) and not behavior.omit_usage:
         events = [{**e, "usage": None} for e in events]
         events.append({**chunk_base, "choices": [], "usage": _reported(behavior, usage)})
+    error = {"message": MID_STREAM_FAILURE, "type": "server_error", "param": None, "code": None}
+    frames = [_frame(None, event) for event in events]
+    return await _send_sse(request, frames, lambda _: _frame(None, {"error": error}), b"data: [DONE]\n\n")
+
+
+
+def _frame(name: str | None, data: Any) -> bytes:
+    """One SSE block: an `event:` line when the format names its events (Responses, Anthropic), then data."""
+    head = b"event: " + name.encode() + b"\n" if name else b""
+    return head + b"data: " + dumps(data) + b"\n\n"
+
+
+async def _send_sse(
+    request: web.Request, frames: list[bytes], error_frame: Callable[[int], bytes], tail: bytes
+) -> web.StreamResponse:
+    """Write `frames` one write each, applying the stream behaviours, then `tail` (chat's [DONE]; the
+    named-event formats end without one). error_event_after_chunks sends error_frame(n) then the tail."""
+    behavior = request.app[UPSTREAM_STATE].behavior
     record = request[_RECORD]
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "x-request-id": record.id}
     response = web.StreamResponse(headers=headers)
@@ -513,24 +644,19 @@ async def _write_stream(
         record.sent += data  # recorded before the write: a failing write still counts as attempted
         await response.write(data)
 
-    for sent_count, event in enumerate(events):
+    for sent_count, frame in enumerate(frames):
         if sent_count and behavior.chunk_delay:
             await asyncio.sleep(behavior.chunk_delay)
         if sent_count == behavior.die_after_chunks:
             return _die(request, record, response)
         if sent_count == behavior.error_event_after_chunks:
-            error = {
-                "message": "The upstream model failed mid-stream.",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-            await send(b"data: " + dumps({"error": error}) + b"\n\n")
+            await send(error_frame(sent_count))
             break
         if behavior.keep_alive:
             await send(b": keep-alive\n\n")
-        await send(b"data: " + dumps(event) + b"\n\n")
-    await send(b"data: [DONE]\n\n")
+        await send(frame)
+    if tail:
+        await send(tail)
     await response.write_eof()
     record.finished = True
     return response
@@ -636,6 +762,425 @@ async def _embeddings(request: web.Request) -> web.Response:
         "usage": _reported(request.app[UPSTREAM_STATE].behavior, {"prompt_tokens": tokens, "total_tokens": tokens}),
     }
     return web.Response(body=dumps(payload), content_type="application/json")
+
+
+# ---- Responses API: POST /v1/responses and the stored-response routes ----
+#
+# Wire format from vLLM vllm/entrypoints/openai/responses/{serving,protocol,api_router}.py (the simple,
+# non-harmony path, and the harmony path for function calls), checked against llama.cpp
+# tools/server/server-task.cpp (to_json_oaicompat_resp*) and the openai SDK's types/responses/.
+
+# The tool in Responses' flat shape (no nested "function" object).
+RESPONSES_WEATHER_TOOL: dict[str, Any] = {"type": "function", **WEATHER_TOOL["function"]}
+
+
+def response_conversation(body: Mapping[str, Any], history: Sequence[JSON] = ()) -> list[JSON]:
+    """Chat-style messages a Responses request is answered from: `instructions` as a system message, the
+    history of its previous_response_id, then `input` (a string, or items with input_text parts)."""
+    instructions = body.get("instructions")
+    system = [{"role": "system", "content": instructions}] if isinstance(instructions, str) and instructions else []
+    value = body.get("input")
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [*system, *history, *(_item_message(item) for item in items if isinstance(item, dict))]
+
+
+def _item_message(item: Mapping[str, Any]) -> JSON:
+    """One input item as a chat message: function call outputs are tool turns, parts become text parts."""
+    if item.get("type") == "function_call_output":
+        return {"role": "tool", "content": str(item.get("output", ""))}
+    if item.get("type") == "function_call":
+        return {"role": "assistant", "content": None}
+    content = item.get("content")
+    if isinstance(content, list):
+        content = [_chat_part(part) for part in content if isinstance(part, dict)]
+    return {"role": item.get("role", "user"), "content": content}
+
+
+def _chat_part(part: Mapping[str, Any]) -> JSON:
+    if part.get("type") in ("input_text", "output_text", "text"):
+        return {"type": "text", "text": part.get("text", "")}
+    return {"type": "image_url"} if part.get("type") in ("input_image", "image") else {"type": str(part.get("type"))}
+
+
+def _responses_tool(body: JSON, conversation: list[JSON]) -> str | None:
+    """The chat fake's convention: the named tool_choice, else the first tool; none after a tool output."""
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]
+    choice = body.get("tool_choice")
+    if not tools or choice == "none" or (conversation and conversation[-1]["role"] == "tool"):
+        return None
+    return str(choice["name"]) if isinstance(choice, dict) and "name" in choice else str(tools[0]["name"])
+
+
+def _responses_usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> JSON:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached_tokens},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _response_object(body: JSON, response_id: str, status: str, output: list[JSON]) -> JSON:
+    """The Response object as vLLM's ResponsesResponse.from_request fills it (every field the SDK requires)."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": CREATED,
+        "status": status,
+        "background": body.get("background") is True,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": None,
+        "metadata": body.get("metadata"),
+        "model": body["model"],
+        "output": output,
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": None,
+        "service_tier": "auto",
+        "store": body.get("store", True) is not False,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": None,  # until the response is done
+        "user": None,
+    }
+
+
+def _output_items(record_id: str, pieces: list[str], tool: str | None) -> list[JSON]:
+    if tool:
+        call = {"id": f"fc_{record_id}", "type": "function_call", "status": "completed",
+                "call_id": f"call_{record_id}", "name": tool, "arguments": TOOL_ARGUMENTS}
+        return [call]
+    # vLLM marks the message "completed" even when cut at max_output_tokens (OpenAI says "incomplete").
+    text = {"type": "output_text", "text": "".join(pieces), "annotations": [], "logprobs": []}
+    return [{"id": f"msg_{record_id}", "type": "message", "status": "completed", "role": "assistant",
+             "content": [text]}]
+
+
+def _input_items(record_id: str, body: JSON) -> list[JSON]:
+    """The request's input as stored items: every message gets an id and input_text parts."""
+    value = body.get("input")
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value if isinstance(value, list) else []
+    stored = []
+    for index, item in enumerate(i for i in items if isinstance(i, dict)):
+        content = item.get("content")
+        if isinstance(content, str):
+            content = [{"type": "input_text", "text": content}]
+        kind = item.get("type", "message")
+        base = {"type": "message", "role": item.get("role", "user"), "content": content, "status": "completed"}
+        stored.append({"id": item.get("id") or f"msg_{record_id}_{index}", **(base if kind == "message" else item)})
+    return stored
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    state = request.app[UPSTREAM_STATE]
+    behavior = state.behavior
+    record = request[_RECORD]
+    body: JSON = record.body
+    refused = _responses_refusal(state, body)
+    if refused is not None:
+        return refused
+    history = state.stored_responses[body["previous_response_id"]].conversation if _follows_up(body) else []
+    conversation = response_conversation(body, history)
+    prompt_tokens = count_prompt_tokens(conversation)
+    limit = behavior.max_context_tokens
+    if limit is not None and prompt_tokens > limit:
+        return _context_length_error(limit, prompt_tokens, "input")
+    tool = _responses_tool(body, conversation)
+    reply = behavior.reply or chat_reply(state.name, conversation)
+    pieces, finish = _cut(behavior, body.get("max_output_tokens"), split_pieces(reply))
+    response_id = f"resp_{record.id}"
+    state.response_ids.append(response_id)
+    status = "incomplete" if finish == "length" and not tool else "completed"
+    usage = _responses_usage(prompt_tokens, len(TOOL_ARGUMENT_FRAGMENTS) if tool else len(pieces),
+                             behavior.cached_tokens)
+    output = _output_items(record.id, pieces, tool)
+    final = _with_usage(behavior, _response_object(body, response_id, status, output), usage)
+    if body.get("store", True) is not False:
+        # A follow-up continues from history + this input + the reply; instructions are not carried over.
+        said = {"role": "assistant", "content": None if tool else "".join(pieces)}
+        turn = [*history, *response_conversation({"input": body["input"]}), said]
+        state.stored_responses[response_id] = StoredResponse(final, _input_items(record.id, body), turn)
+    if body.get("stream"):
+        initial = _response_object(body, response_id, "in_progress", [])
+        return await _stream_response(request, _response_events(behavior, initial, final, pieces))
+    if body.get("background") is True and response_id in state.stored_responses:
+        stored = state.stored_responses[response_id]  # answered queued; finished from the first GET on
+        stored.response, stored.pending = _response_object(body, response_id, "queued", []), final
+        return _json(stored.response)
+    return _json(final)
+
+
+def _follows_up(body: JSON) -> bool:
+    return body.get("previous_response_id") is not None
+
+
+def _responses_refusal(state: UpstreamState, body: JSON) -> web.Response | None:
+    if not isinstance(body.get("input"), str | list):
+        return error_response(400, "Missing required parameter: 'input'.", "invalid_request_error", param="input")
+    previous = body.get("previous_response_id")
+    if _follows_up(body) and previous not in state.stored_responses:
+        # OpenAI's answer; vLLM says "Response with id '...' not found." with param "response_id".
+        message = f"Previous response with id '{previous}' not found."
+        return error_response(404, message, "invalid_request_error", param="previous_response_id",
+                              code="previous_response_not_found")
+    return None
+
+
+def _response_events(behavior: Behavior, initial: JSON, final: JSON, pieces: list[str]) -> list[JSON]:
+    """The stream's events in vLLM's order, before sequence numbers: created, in_progress, then per output
+    item added/deltas/done, then the final response (the only event with usage)."""
+    events: list[JSON] = [{"type": "response.created", "response": initial},
+                          {"type": "response.in_progress", "response": initial}]
+    for index, item in enumerate(final["output"]):
+        events += _item_events(index, item, pieces)
+    cut = final["status"] == "incomplete" and behavior.incomplete_event
+    events.append({"type": "response.incomplete" if cut else "response.completed", "response": final})
+    return events
+
+
+def _item_events(index: int, item: JSON, pieces: list[str]) -> list[JSON]:
+    at = {"output_index": index, "item_id": item["id"]}
+    done = {"type": "response.output_item.done", "output_index": index, "item": item}
+    if item["type"] == "function_call":
+        added = {**item, "status": "in_progress", "arguments": ""}
+        deltas = [{"type": "response.function_call_arguments.delta", **at, "delta": f}
+                  for f in TOOL_ARGUMENT_FRAGMENTS]
+        # vLLM's done event also names the function (the SDK's type has no `name`; extra fields are kept).
+        arguments = {"type": "response.function_call_arguments.done", **at, "name": item["name"],
+                     "arguments": item["arguments"]}
+        return [{"type": "response.output_item.added", "output_index": index, "item": added}, *deltas, arguments, done]
+    part = item["content"][0]
+    at = {**at, "content_index": 0}
+    return [
+        {"type": "response.output_item.added", "output_index": index,
+         "item": {**item, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
+        *({"type": "response.output_text.delta", **at, "delta": p, "logprobs": []} for p in pieces),
+        {"type": "response.output_text.done", **at, "text": part["text"], "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": part},
+        done,
+    ]
+
+
+async def _stream_response(request: web.Request, events: list[JSON]) -> web.StreamResponse:
+    """`event: <type>` lines before each data line, a sequence_number in each, no [DONE] (vLLM)."""
+    numbered = [{"type": e["type"], "sequence_number": n, **e} for n, e in enumerate(events)]
+
+    def error(n: int) -> bytes:
+        payload = {"type": "error", "sequence_number": n, "code": "server_error", "message": MID_STREAM_FAILURE,
+                   "param": None}
+        return _frame("error", payload)
+
+    return await _send_sse(request, [_frame(e["type"], e) for e in numbered], error, b"")
+
+
+def _stored(request: web.Request) -> StoredResponse | web.Response:
+    """The stored response the path names, or vLLM's 404 for an unknown id."""
+    response_id = request.match_info["response_id"]
+    stored = request.app[UPSTREAM_STATE].stored_responses.get(response_id)
+    if stored is None:
+        message = f"Response with id '{response_id}' not found."
+        return error_response(404, message, "invalid_request_error", param="response_id")
+    return stored
+
+
+async def _retrieve_response(request: web.Request) -> web.Response:
+    stored = _stored(request)
+    if isinstance(stored, web.Response):
+        return stored
+    if stored.pending is not None:  # a background response is done by the time anyone looks
+        stored.response, stored.pending = stored.pending, None
+    return _json(stored.response)
+
+
+async def _delete_response(request: web.Request) -> web.Response:
+    stored = _stored(request)
+    if isinstance(stored, web.Response):
+        return stored
+    response_id = request.match_info["response_id"]
+    del request.app[UPSTREAM_STATE].stored_responses[response_id]
+    return _json({"id": response_id, "object": "response", "deleted": True})
+
+
+async def _cancel_response(request: web.Request) -> web.Response:
+    stored = _stored(request)
+    if isinstance(stored, web.Response):
+        return stored
+    if stored.response["status"] not in ("queued", "in_progress"):
+        return error_response(400, "Cannot cancel a synchronous response.", "invalid_request_error",
+                              param="response_id")
+    stored.response, stored.pending = {**stored.response, "status": "cancelled"}, None
+    return _json(stored.response)
+
+
+async def _list_input_items(request: web.Request) -> web.Response:
+    stored = _stored(request)
+    if isinstance(stored, web.Response):
+        return stored
+    query = request.query
+    items = stored.input_items if query.get("order") == "asc" else stored.input_items[::-1]  # desc by default
+    ids = [item["id"] for item in items]
+    if query.get("after") in ids:
+        items = items[ids.index(query["after"]) + 1 :]
+    limit = int(query.get("limit", "20"))
+    page = items[:limit]
+    first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
+    return _json({"object": "list", "data": page, "first_id": first, "last_id": last, "has_more": len(items) > limit})
+
+
+# ---- Anthropic Messages API: POST /v1/messages and /v1/messages/count_tokens ----
+#
+# Wire format from vLLM vllm/entrypoints/anthropic/{serving,protocol,api_router}.py, checked against
+# llama.cpp tools/server/server-task.cpp (to_json_anthropic*) and the anthropic SDK's types/ and
+# lib/streaming/_messages.py (how messages.stream accumulates events).
+
+# The tool in Anthropic's shape (input_schema, no "type").
+ANTHROPIC_WEATHER_TOOL: dict[str, Any] = {
+    "name": "get_weather",
+    "description": WEATHER_TOOL["function"]["description"],
+    "input_schema": WEATHER_TOOL["function"]["parameters"],
+}
+
+
+def anthropic_messages(body: Mapping[str, Any]) -> list[JSON]:
+    """Chat-style messages of a Messages request: `system` (a string or text blocks) as a system message,
+    then `messages` with their text, tool_result and image blocks (tool_use blocks carry no words)."""
+    system = body.get("system")
+    if isinstance(system, list):
+        system = text_of(system)
+    head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    return [*head, *({"role": m.get("role"), "content": _anthropic_content(m.get("content"))} for m in messages)]
+
+
+def _anthropic_content(content: Any) -> Any:
+    if not isinstance(content, list):
+        return content
+    parts: list[JSON] = []
+    for block in (b for b in content if isinstance(b, dict)):
+        if block.get("type") == "tool_result":
+            parts.append({"type": "text", "text": text_of(block.get("content"))})
+        elif block.get("type") == "image":
+            parts.append({"type": "image_url"})
+        else:
+            parts.append(block)
+    return parts
+
+
+def _is_tool_result(message: Mapping[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+
+
+def _anthropic_tool(body: JSON) -> str | None:
+    """The chat fake's convention: the named tool_choice, else the first tool; none after a tool result."""
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "name" in t]
+    choice = body.get("tool_choice")
+    choice = choice if isinstance(choice, dict) else {}
+    messages = body.get("messages") or []
+    if not tools or choice.get("type") == "none" or (messages and _is_tool_result(messages[-1])):
+        return None
+    return str(choice["name"]) if choice.get("type") == "tool" else str(tools[0]["name"])
+
+
+def _anthropic_usage(prompt_tokens: int, output_tokens: int, behavior: Behavior) -> JSON:
+    """input_tokens excludes the cached part: input + cache_creation + cache_read is the whole prompt."""
+    read, created = behavior.cache_read_tokens, behavior.cache_creation_tokens
+    return {
+        "input_tokens": max(prompt_tokens - read - created, 0),
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
+        "output_tokens": output_tokens,
+    }
+
+
+def _anthropic_invalid(body: JSON, behavior: Behavior, *, needs_max_tokens: bool) -> web.Response | None:
+    """The 400s a Messages request can get (pydantic's "<field>: Field required" wording, as Anthropic)."""
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return anthropic_error_response(400, "messages: Field required")
+    if needs_max_tokens and not isinstance(body.get("max_tokens"), int):
+        return anthropic_error_response(400, "max_tokens: Field required")
+    prompt_tokens = count_prompt_tokens(anthropic_messages(body))
+    limit = behavior.max_context_tokens
+    if limit is not None and prompt_tokens > limit:
+        return anthropic_error_response(400, f"prompt is too long: {prompt_tokens} tokens > {limit} maximum")
+    return None
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    state = request.app[UPSTREAM_STATE]
+    behavior = state.behavior
+    record = request[_RECORD]
+    body: JSON = record.body
+    invalid = _anthropic_invalid(body, behavior, needs_max_tokens=True)
+    if invalid is not None:
+        return invalid
+    messages = anthropic_messages(body)
+    tool = _anthropic_tool(body)
+    reply = behavior.reply or chat_reply(state.name, messages)
+    pieces, finish = _cut(behavior, body["max_tokens"], split_pieces(reply))
+    stop_reason = "tool_use" if tool else "max_tokens" if finish == "length" else "end_turn"
+    usage = _anthropic_usage(count_prompt_tokens(messages), len(TOOL_ARGUMENT_FRAGMENTS) if tool else len(pieces),
+                             behavior)
+    tool_use = {"type": "tool_use", "id": f"toolu_{record.id}", "name": tool, "input": json.loads(TOOL_ARGUMENTS)}
+    content = [tool_use] if tool else [{"type": "text", "text": "".join(pieces)}]
+    message = {"id": f"msg_{record.id}", "type": "message", "role": "assistant", "model": body["model"],
+               "content": content, "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
+    if body.get("stream"):
+        return await _stream_message(request, message, pieces)
+    return _json(_with_usage(behavior, message, usage))
+
+
+def _message_events(behavior: Behavior, message: JSON, pieces: list[str]) -> list[JSON]:
+    """Anthropic's sequence: message_start, content_block_start, ping, deltas, content_block_stop,
+    message_delta (cumulative usage), message_stop. vLLM and llama.cpp send no ping; the real API does."""
+    usage = message["usage"]
+    # message_start carries the input side and a token or so of output (Anthropic says 1, vLLM 0).
+    opening = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
+    started = _with_usage(behavior, opening, {**usage, "output_tokens": min(usage["output_tokens"], 1)})
+    block = message["content"][0]
+    if block["type"] == "tool_use":
+        deltas = [{"type": "input_json_delta", "partial_json": f} for f in TOOL_ARGUMENT_FRAGMENTS]
+        block = {**block, "input": {}}
+    else:
+        deltas = [{"type": "text_delta", "text": piece} for piece in pieces]
+        block = {**block, "text": ""}
+    # message_delta's usage is cumulative: the final output_tokens, the input side repeated (recent API;
+    # vLLM repeats input_tokens only, llama.cpp sends output_tokens alone).
+    delta = {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None}}
+    return [
+        {"type": "message_start", "message": started},
+        {"type": "content_block_start", "index": 0, "content_block": block},
+        {"type": "ping"},
+        *({"type": "content_block_delta", "index": 0, "delta": d} for d in deltas),
+        {"type": "content_block_stop", "index": 0},
+        _with_usage(behavior, delta, usage),
+        {"type": "message_stop"},
+    ]
+
+
+async def _stream_message(request: web.Request, message: JSON, pieces: list[str]) -> web.StreamResponse:
+    """`event: <type>` before each data line, no [DONE]; a failure is an `error` event the SDK raises."""
+    events = _message_events(request.app[UPSTREAM_STATE].behavior, message, pieces)
+    error = {"type": "error", "error": {"type": "api_error", "message": MID_STREAM_FAILURE}}
+    return await _send_sse(request, [_frame(e["type"], e) for e in events], lambda _: _frame("error", error), b"")
+
+
+async def _count_tokens(request: web.Request) -> web.Response:
+    body: JSON = request[_RECORD].body
+    invalid = _anthropic_invalid(body, request.app[UPSTREAM_STATE].behavior, needs_max_tokens=False)
+    if invalid is not None:
+        return invalid
+    # vLLM adds {"context_management": {"original_input_tokens": N}}; Anthropic and llama.cpp do not.
+    return _json({"input_tokens": count_prompt_tokens(anthropic_messages(body))})
 
 
 # ---- serving on a real port ----

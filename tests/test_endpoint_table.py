@@ -32,7 +32,7 @@ def test_every_endpoint_has_one_record() -> None:
     assert set(ENDPOINTS) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
                               "/v1/messages", "/v1/messages/count_tokens"}
     assert ENDPOINTS["/v1/messages"].errors.name == "anthropic"
-    assert ENDPOINTS["/v1/responses"].errors.name == "openai"
+    assert ENDPOINTS["/v1/responses"].errors.name == "responses"
     assert not ENDPOINTS["/v1/messages/count_tokens"].billed
 
 

@@ -1,4 +1,5 @@
-"""The fake upstream is faithful: the real `openai` SDKs (Python here, Node via tests/node) parse it.
+"""The fake upstream is faithful: the real `openai` SDKs (Python here, Node via tests/node) and the
+`anthropic` SDK parse it.
 
 Proxy tests trust the fake's wire format and its recordings; these tests are why they may.
 """
@@ -8,22 +9,32 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
+import anthropic
 import openai
+import orjson
 import pytest
+from anthropic.types import Message, MessageParam, TextBlockParam
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.responses import Response, ResponseInputItemParam
 
 from tests.fake_upstream import (
+    ANTHROPIC_WEATHER_TOOL,
+    MID_STREAM_FAILURE,
+    NOT_SET,
+    RESPONSES_WEATHER_TOOL,
     TOOL_ARGUMENT_FRAGMENTS,
     TOOL_ARGUMENTS,
     WEATHER_TOOL,
     UpstreamServer,
+    anthropic_messages,
     chat_reply,
     count_prompt_tokens,
     embedding_vector,
     make_upstream,
+    response_conversation,
     serve_upstream,
     split_pieces,
 )
@@ -486,6 +497,407 @@ async def test_reset_restores_defaults(upstream: UpstreamServer) -> None:
     state.reset()
     assert state.behavior.fail_status is None and state.requests == []
     assert not state.disconnected.is_set()
+
+
+# ---- Responses API, with the real `openai` SDK ----
+
+RESPONSE_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * len(split_pieces(chat_reply("up1", [{"role": "user", "content": "hi"}]))),
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+async def test_responses_create(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
+    upstream.state.behavior.cached_tokens = 2
+    response = await client.responses.create(model=MODEL, instructions="Be terse.", input="hello there")
+    conversation = response_conversation({"instructions": "Be terse.", "input": "hello there"})
+    assert response.output_text == chat_reply("up1", conversation)
+    assert (response.status, response.object, response.model) == ("completed", "response", MODEL)
+    assert response.usage is not None
+    assert response.usage.input_tokens == count_prompt_tokens(conversation)
+    assert response.usage.output_tokens == len(split_pieces(response.output_text))
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    assert response.usage.input_tokens_details.cached_tokens == 2
+    assert upstream.state.response_ids == [response.id] and response.id.startswith("resp_")
+    # Strict: every field the SDK requires is there (but usage: this SDK wants a cache_write_tokens no server sends).
+    Response.model_validate({**orjson.loads(bytes(upstream.state.last.sent)), "usage": None})
+
+
+async def test_responses_stream_event_sequence(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
+    stream = await client.responses.create(model=MODEL, input="hi", stream=True)
+    events = [event async for event in stream]
+    assert [e.type for e in events] == RESPONSE_EVENTS
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == chat_reply("up1", [{"role": "user", "content": "hi"}])
+    created, in_progress, completed = events[0], events[1], events[-1]
+    assert created.type == "response.created" and in_progress.type == "response.in_progress"
+    assert created.response.usage is None and in_progress.response.status == "in_progress"
+    assert completed.type == "response.completed" and completed.response.usage is not None
+    assert completed.response.output_text == text
+    assert completed.response.usage.input_tokens == count_prompt_tokens([{"role": "user", "content": "hi"}])
+    assert completed.response.usage.output_tokens == len(split_pieces(text))
+    record = upstream.state.last
+    assert record.event_names() == [event["type"] for event in record.events()] == RESPONSE_EVENTS  # no [DONE]
+
+
+@pytest.mark.parametrize("openai_style", [False, True])
+async def test_responses_cut_at_max_output_tokens(
+    client: openai.AsyncOpenAI, upstream: UpstreamServer, openai_style: bool
+) -> None:
+    upstream.state.behavior.incomplete_event = openai_style
+    response = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "".join(split_pieces(chat_reply("up1", [{"role": "user", "content": "hi"}]))[:2])
+    assert response.usage is not None and response.usage.output_tokens == 2
+    # Not the SDK's stream helper: its get_final_response() raises without a `response.completed` event.
+    events = [event async for event in await client.responses.create(
+        model=MODEL, input="hi", max_output_tokens=2, stream=True)]
+    last = events[-1]
+    assert last.type == ("response.incomplete" if openai_style else "response.completed")
+    assert last.response.output_text == response.output_text and last.response.status == "incomplete"
+    assert last.response.usage == response.usage
+
+
+async def test_responses_previous_response_id_continues_the_conversation(
+    client: openai.AsyncOpenAI, upstream: UpstreamServer
+) -> None:
+    first = await client.responses.create(model=MODEL, instructions="Be terse.", input="hello there")
+    second = await client.responses.create(model=MODEL, input="and now?", previous_response_id=first.id)
+    # The history is the first turn's input and reply; its instructions are not carried over (as OpenAI).
+    history = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": first.output_text}]
+    conversation = response_conversation({"input": "and now?"}, history)
+    assert second.output_text == chat_reply("up1", conversation)
+    assert second.usage is not None and second.usage.input_tokens == count_prompt_tokens(conversation)
+    assert second.previous_response_id == first.id
+    assert upstream.state.response_ids == [first.id, second.id]
+
+
+async def test_responses_unknown_previous_response_id_is_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_nope")
+    assert caught.value.param == "previous_response_id"
+    assert caught.value.message.endswith("Previous response with id 'resp_nope' not found.")
+
+
+async def test_responses_retrieve_input_items_and_delete(client: openai.AsyncOpenAI) -> None:
+    items: list[ResponseInputItemParam] = [
+        {"role": "user", "content": "one"},
+        {"role": "user", "content": [{"type": "input_text", "text": "two"}]},
+    ]
+    created = await client.responses.create(model=MODEL, input=items)
+    assert await client.responses.retrieve(created.id) == created
+    listed = [item async for item in client.responses.input_items.list(created.id, order="asc")]
+    texts = [p.text for item in listed if item.type == "message" for p in item.content if p.type == "input_text"]
+    assert texts == ["one", "two"]
+    newest_first = [item.id async for item in client.responses.input_items.list(created.id, limit=1)]
+    assert newest_first == [item.id for item in reversed(listed)]  # desc by default, paged one by one
+    await client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.responses.retrieve(created.id)
+    assert caught.value.param == "response_id"
+
+
+async def test_responses_store_false_is_not_kept(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
+    created = await client.responses.create(model=MODEL, input="hi", store=False)
+    assert orjson.loads(bytes(upstream.state.last.sent))["store"] is False
+    assert upstream.state.response_ids == [created.id]
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model=MODEL, input="again", previous_response_id=created.id)
+
+
+async def test_responses_background_retrieve_and_cancel(client: openai.AsyncOpenAI) -> None:
+    queued = await client.responses.create(model=MODEL, input="hi", background=True)
+    assert (queued.status, queued.usage) == ("queued", None)
+    done = await client.responses.retrieve(queued.id)
+    assert done.status == "completed" and done.usage is not None
+    assert done.usage.input_tokens == count_prompt_tokens([{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="Cannot cancel a synchronous response"):
+        await client.responses.cancel(done.id)
+    other = await client.responses.create(model=MODEL, input="hi", background=True)
+    cancelled = await client.responses.cancel(other.id)
+    assert cancelled.status == "cancelled" and (await client.responses.retrieve(other.id)).status == "cancelled"
+
+
+async def test_responses_tool_call(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
+    response = await client.responses.create(model=MODEL, input="weather?", tools=[RESPONSES_WEATHER_TOOL])
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_")
+    assert response.usage is not None and response.usage.output_tokens == len(TOOL_ARGUMENT_FRAGMENTS)
+    async with client.responses.stream(model=MODEL, input="weather?", tools=[RESPONSES_WEATHER_TOOL]) as stream:
+        final = await stream.get_final_response()
+    assert [item.type for item in final.output] == ["function_call"]
+    events = upstream.state.last.events()
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert deltas == list(TOOL_ARGUMENT_FRAGMENTS)
+    assert [e["type"] for e in events][-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+
+
+async def test_responses_function_output_turn_gets_a_text_reply(client: openai.AsyncOpenAI) -> None:
+    items: list[ResponseInputItemParam] = [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": TOOL_ARGUMENTS},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    response = await client.responses.create(model=MODEL, input=items, tools=[RESPONSES_WEATHER_TOOL])
+    assert response.output_text == "Echo from up1 [messages=3 system=no]: sunny"
+
+
+async def test_responses_follow_up_must_reach_the_fake_that_created_it() -> None:
+    async with serve_upstream(make_upstream("up1")) as one, serve_upstream(make_upstream("up2")) as two:
+        async with (
+            openai.AsyncOpenAI(base_url=one.base_url, api_key="x", max_retries=0) as first,
+            openai.AsyncOpenAI(base_url=two.base_url, api_key="x", max_retries=0) as second,
+        ):
+            created = await first.responses.create(model=MODEL, input="hi")
+            with pytest.raises(openai.NotFoundError):
+                await second.responses.create(model=MODEL, input="more", previous_response_id=created.id)
+            await first.responses.create(model=MODEL, input="more", previous_response_id=created.id)
+    assert created.id in one.state.response_ids and created.id not in two.state.response_ids
+
+
+async def test_responses_usage_override_and_omit(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
+    lie = {"input_tokens": -5, "surprise": True}
+    upstream.state.behavior.usage_override = lie
+    await client.responses.create(model=MODEL, input="hi")
+    assert orjson.loads(bytes(upstream.state.last.sent))["usage"] == lie
+    await (await client.responses.create(model=MODEL, input="hi", stream=True)).close()
+    await client.responses.create(model=MODEL, input="hi", stream=True)
+    upstream.state.behavior.usage_override = NOT_SET
+    upstream.state.behavior.omit_usage = True
+    assert (await client.responses.create(model=MODEL, input="hi")).usage is None
+
+
+async def test_responses_stream_usage_override_is_in_the_final_event_only(
+    client: openai.AsyncOpenAI, upstream: UpstreamServer
+) -> None:
+    upstream.state.behavior.usage_override = "12"
+    async for _ in await client.responses.create(model=MODEL, input="hi", stream=True):
+        pass
+    events = upstream.state.last.events()
+    assert events[-1]["response"]["usage"] == "12"
+    assert [e["response"]["usage"] for e in events[:2]] == [None, None]
+    assert all("usage" not in e for e in events[2:-1])
+
+
+async def test_responses_error_event_and_death_mid_stream(
+    client: openai.AsyncOpenAI, upstream: UpstreamServer
+) -> None:
+    upstream.state.behavior.error_event_after_chunks = 3
+    events = [event async for event in await client.responses.create(model=MODEL, input="hi", stream=True)]
+    assert [e.type for e in events] == [*RESPONSE_EVENTS[:3], "error"]  # the SDK yields it, no [DONE] after
+    assert upstream.state.last.events()[-1] == {
+        "type": "error", "sequence_number": 3, "code": "server_error", "message": MID_STREAM_FAILURE, "param": None
+    }
+    upstream.state.behavior.error_event_after_chunks = None
+    upstream.state.behavior.die_after_chunks = 2
+    received = []
+    with pytest.raises(openai.APIConnectionError):
+        async for event in await client.responses.create(model=MODEL, input="hi", stream=True):
+            received.append(event)
+    assert len(received) == len(upstream.state.last.events()) == 2
+
+
+async def test_responses_errors_are_openai_shaped(client: openai.AsyncOpenAI, upstream: UpstreamServer) -> None:
+    upstream.state.behavior.max_context_tokens = 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.create(model=MODEL, input="hello there")
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "input")
+    upstream.state.behavior.fail_status = 503
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.responses.retrieve("resp_any")
+    assert failed.value.type == "server_error"
+
+
+# ---- Anthropic Messages API, with the real `anthropic` SDK ----
+
+MESSAGE_EVENTS = ["message_start", "content_block_start", "ping", "content_block_delta", "content_block_stop",
+                  "message_delta", "message_stop"]
+HI: list[MessageParam] = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+async def claude(upstream: UpstreamServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(base_url=upstream.origin, api_key="sk-ant", max_retries=0) as client:
+        yield client
+
+
+async def test_messages_create(claude: anthropic.AsyncAnthropic, upstream: UpstreamServer) -> None:
+    upstream.state.behavior.cache_read_tokens = 3
+    upstream.state.behavior.cache_creation_tokens = 2
+    system: list[TextBlockParam] = [{"type": "text", "text": "Be terse."}]
+    message = await claude.messages.create(model="claude-x", max_tokens=100, system=system, messages=HI)
+    prompt = anthropic_messages({"system": system, "messages": HI})
+    (block,) = message.content
+    assert block.type == "text" and block.text == chat_reply("up1", prompt)
+    assert (message.stop_reason, message.stop_sequence, message.model) == ("end_turn", None, "claude-x")
+    usage = message.usage
+    assert (usage.cache_read_input_tokens, usage.cache_creation_input_tokens) == (3, 2)
+    assert usage.input_tokens == count_prompt_tokens(prompt) - 3 - 2  # input_tokens excludes the cached part
+    assert usage.output_tokens == len(split_pieces(block.text))
+    assert upstream.state.last.authorization == "Bearer sk-ant"  # anthropic 2.x; older SDKs sent x-api-key
+    Message.model_validate(orjson.loads(bytes(upstream.state.last.sent)))  # strict: every required field
+
+
+async def test_messages_stream(claude: anthropic.AsyncAnthropic, upstream: UpstreamServer) -> None:
+    async with claude.messages.stream(model="claude-x", max_tokens=100, system="Be terse.", messages=HI) as stream:
+        final = await stream.get_final_message()
+    prompt = anthropic_messages({"system": "Be terse.", "messages": HI})
+    (block,) = final.content
+    assert block.type == "text" and block.text == chat_reply("up1", prompt)
+    assert final.stop_reason == "end_turn"
+    assert final.usage.input_tokens == count_prompt_tokens(prompt)
+    assert final.usage.output_tokens == len(split_pieces(block.text))
+    record = upstream.state.last
+    events = record.events()
+    names = [e["type"] for e in events]
+    assert record.event_names() == names  # every data line has its `event:` line; no [DONE]
+    assert [n for i, n in enumerate(names) if i == 0 or n != names[i - 1]] == MESSAGE_EVENTS
+    assert names.count("content_block_delta") == len(split_pieces(block.text))
+    start, delta = events[0]["message"]["usage"], events[-2]["usage"]
+    assert start["input_tokens"] == delta["input_tokens"] == final.usage.input_tokens
+    assert start["output_tokens"] == 1 and delta["output_tokens"] == final.usage.output_tokens  # cumulative
+
+
+async def test_messages_max_tokens(claude: anthropic.AsyncAnthropic) -> None:
+    message = await claude.messages.create(model="claude-x", max_tokens=2, messages=HI)
+    (block,) = message.content
+    assert block.type == "text" and block.text == "".join(split_pieces(chat_reply("up1", HI))[:2])
+    assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", 2)
+
+
+async def test_messages_without_max_tokens_is_400(upstream: UpstreamServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(upstream.origin + "/v1/messages", json={"model": "c", "messages": HI}) as response:
+            assert response.status == 400
+            assert await response.json() == {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+            }
+
+
+async def test_messages_count_tokens(claude: anthropic.AsyncAnthropic) -> None:
+    system: list[TextBlockParam] = [{"type": "text", "text": "one two"}, {"type": "text", "text": "three"}]
+    counted = await claude.messages.count_tokens(model="claude-x", system=system, messages=HI)
+    assert counted.input_tokens == count_prompt_tokens(anthropic_messages({"system": system, "messages": HI}))
+
+
+async def test_messages_tool_use(claude: anthropic.AsyncAnthropic, upstream: UpstreamServer) -> None:
+    message = await claude.messages.create(model="claude-x", max_tokens=100, messages=HI,
+                                           tools=[ANTHROPIC_WEATHER_TOOL])
+    (block,) = message.content
+    assert block.type == "tool_use" and block.name == "get_weather" and block.input == {"city": "Paris"}
+    assert message.stop_reason == "tool_use"
+    assert message.usage.output_tokens == len(TOOL_ARGUMENT_FRAGMENTS)
+    async with claude.messages.stream(model="claude-x", max_tokens=100, messages=HI,
+                                      tools=[ANTHROPIC_WEATHER_TOOL]) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].type == "tool_use" and final.content[0].input == {"city": "Paris"}
+    assert final.stop_reason == "tool_use"
+    fragments = [e["delta"]["partial_json"] for e in upstream.state.last.events()
+                 if e["type"] == "content_block_delta"]
+    assert fragments == list(TOOL_ARGUMENT_FRAGMENTS)
+
+
+async def test_messages_tool_result_turn_gets_a_text_reply(claude: anthropic.AsyncAnthropic) -> None:
+    messages: list[MessageParam] = [
+        *HI,
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+    ]
+    message = await claude.messages.create(model="claude-x", max_tokens=100, messages=messages,
+                                           tools=[ANTHROPIC_WEATHER_TOOL])
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "Echo from up1 [messages=3 system=no]: sunny"
+
+
+async def test_messages_usage_override_in_every_usage_event(
+    claude: anthropic.AsyncAnthropic, upstream: UpstreamServer
+) -> None:
+    lie = {"input_tokens": 1, "output_tokens": 2**40}
+    upstream.state.behavior.usage_override = lie
+    message = await claude.messages.create(model="claude-x", max_tokens=100, messages=HI)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (1, 2**40)
+    async with claude.messages.stream(model="claude-x", max_tokens=100, messages=HI) as stream:
+        final = await stream.get_final_message()
+    assert final.usage.output_tokens == 2**40
+    events = upstream.state.last.events()
+    assert events[0]["message"]["usage"] == events[-2]["usage"] == lie
+    upstream.state.behavior.omit_usage = True
+    await claude.messages.create(model="claude-x", max_tokens=100, messages=HI)
+    assert "usage" not in orjson.loads(bytes(upstream.state.last.sent))
+
+
+async def test_messages_error_event_mid_stream(claude: anthropic.AsyncAnthropic, upstream: UpstreamServer) -> None:
+    upstream.state.behavior.error_event_after_chunks = 4
+    with pytest.raises(anthropic.APIStatusError, match="failed mid-stream"):
+        async with claude.messages.stream(model="claude-x", max_tokens=100, messages=HI) as stream:
+            await stream.get_final_message()
+    assert upstream.state.last.event_names() == [*MESSAGE_EVENTS[:4], "error"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "error_class", "error_type"),
+    [
+        ({"fail_status": 529}, anthropic.InternalServerError, "overloaded_error"),
+        ({"fail_status": 429}, anthropic.RateLimitError, "rate_limit_error"),
+        ({"api_key": "sk-other"}, anthropic.AuthenticationError, "authentication_error"),
+        ({"strict_models": True}, anthropic.NotFoundError, "not_found_error"),
+        ({"max_context_tokens": 3}, anthropic.BadRequestError, "invalid_request_error"),
+    ],
+)
+async def test_messages_errors_are_anthropic_shaped(
+    claude: anthropic.AsyncAnthropic,
+    upstream: UpstreamServer,
+    setting: dict[str, Any],
+    error_class: type[anthropic.APIStatusError],
+    error_type: str,
+) -> None:
+    for name, value in setting.items():
+        setattr(upstream.state.behavior, name, value)
+    with pytest.raises(error_class) as caught:
+        await claude.messages.create(model="claude-x", max_tokens=100, messages=HI)
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "error" and body["error"]["type"] == error_type
+
+
+async def test_named_event_streams_with_keep_alive_and_gzip(
+    client: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, upstream: UpstreamServer
+) -> None:
+    upstream.state.behavior.keep_alive = True
+    upstream.state.behavior.force_gzip = True
+    async with claude.messages.stream(model="claude-x", max_tokens=100, messages=HI) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == chat_reply("up1", HI)
+    assert bytes(upstream.state.last.sent).startswith(b": keep-alive\n\nevent: message_start\ndata: {")
+    events = [event async for event in await client.responses.create(model=MODEL, input="hi", stream=True)]
+    assert [e.type for e in events] == RESPONSE_EVENTS
+
+
+@pytest.mark.parametrize("header", [{"x-api-key": "sk-ant"}, {"Authorization": "Bearer sk-ant"}])
+async def test_messages_take_the_backend_key_either_way(upstream: UpstreamServer, header: dict[str, str]) -> None:
+    upstream.state.behavior.api_key = "sk-ant"
+    body = {"model": "c", "max_tokens": 5, "messages": HI}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(upstream.origin + "/v1/messages", json=body, headers=header) as response:
+            assert response.status == 200
+            assert (await response.json())["type"] == "message"
 
 
 # ---- the README's Node.js examples, with the real `openai` npm package ----
