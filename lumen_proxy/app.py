@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -37,15 +38,26 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
                         headers=headers)
 
 
-def _model_object(model: Model, created: int) -> dict[str, Any]:
+def _model_object(model: Model, created: int, anthropic: bool) -> dict[str, Any]:
+    if anthropic:
+        return {"type": "model", "id": model.name, "display_name": model.name, "lifecycle": "active",
+                "created_at": datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")}
     return {"id": model.name, "object": "model", "created": created, "owned_by": model.owned_by}
+
+
+def _anthropic(request: web.Request) -> bool:
+    """The Anthropic SDKs (and Claude Code) send ``anthropic-version``: they get their API's model shape."""
+    return "anthropic-version" in request.headers
 
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     principal = await rt.view.identify(credentials(request.headers))
-    created = int(rt.started)
-    data = [_model_object(m, created) for m in visible_models(rt.config, principal.account)]
+    created, anthropic = int(rt.started), _anthropic(request)
+    data = [_model_object(m, created, anthropic) for m in visible_models(rt.config, principal.account)]
+    if anthropic:
+        return _json({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None})
     return _json({"object": "list", "data": data})
 
 
@@ -53,7 +65,7 @@ async def get_model(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     principal = await rt.view.identify(credentials(request.headers))
     model = require_model(rt.config, principal.account, request.match_info["model"])
-    return _json(_model_object(model, int(rt.started)))
+    return _json(_model_object(model, int(rt.started), _anthropic(request)))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -250,3 +250,17 @@ async def test_the_demo_echo_speaks_messages(proxy: Proxy, alice: str) -> None:
     for row, usage in zip(rows, (message.usage, streamed.usage), strict=True):
         assert (row["prompt_tokens"], row["completion_tokens"]) == (usage.input_tokens, usage.output_tokens)
         assert row["cost"] == -(-(usage.input_tokens + usage.output_tokens) * echo * MICRO // 1)
+
+
+async def test_anthropic_clients_list_models_in_their_shape(proxy: Proxy, http: aiohttp.ClientSession) -> None:
+    """``client.models.list()`` of the Anthropic SDK: the account's models, in Anthropic's list shape;
+    an OpenAI client (no anthropic-version header) still gets OpenAI's."""
+    await proxy.account("echo-only", models=["echo"])
+    key = await proxy.key("echo-only")
+    client = claude(proxy, key)
+    listed = [m async for m in client.models.list()]
+    one = await client.models.retrieve("echo")
+    await client.close()
+    assert [m.id for m in listed] == ["echo"] and one.id == "echo" and one.display_name == "echo"
+    async with http.get(proxy.base_url + "/models", headers={"Authorization": f"Bearer {key}"}) as response:
+        assert (await response.json())["object"] == "list"
