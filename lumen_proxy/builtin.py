@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from .builtin_formats import Answer, answer
+from .builtin_formats import Answer, EchoStore, answer
 
 STREAM_DELAY = 0.01  # seconds between chunks, so streaming is visible in a terminal
 
@@ -74,13 +74,13 @@ class EchoUpstream:
     """Looks like an HTTP upstream response to the relay.
 
     ``path`` is relative to the API root (``/chat/completions``, ``/responses/resp_1/input_items``);
-    ``body`` is the JSON body, None for GET, DELETE and cancel.
+    ``body`` is the JSON body, None for GET, DELETE and cancel; ``store`` keeps the app's echo responses.
     """
 
-    def __init__(self, path: str, body: dict[str, Any] | None, method: str = "POST") -> None:
+    def __init__(self, path: str, body: dict[str, Any] | None, store: EchoStore, method: str = "POST") -> None:
         self.path, self.body = path, body or {}
         # Answered at once (the relay reads `status` first); None for chat, completions and embeddings.
-        self.answer: Answer | None = None if path in _ANSWERED_HERE else answer(path, body, method)
+        self.answer: Answer | None = None if path in _ANSWERED_HERE else answer(path, body, method, store)
         self.status = 200 if self.answer is None else self.answer.status
         if self.answer is not None:
             self.stream = self.answer.is_stream

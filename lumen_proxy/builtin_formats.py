@@ -11,9 +11,9 @@ relay, SSE scanner and billing that real backends do. Each format follows vLLM's
 Replies repeat the last user text, one token per word; prompts count words plus 4 per message, as the
 chat echo does. Output stops at ``max_output_tokens`` / ``max_tokens``.
 
-The echo has no application to keep state in, so the responses it created live in one module-level store
-that holds at most STORE_LIMIT of them, oldest dropped: enough for retrieve, delete, input_items, cancel
-and ``previous_response_id`` in a demo. An unknown id gets OpenAI's 404 error body.
+The responses an app's echo created live in that app's :class:`EchoStore` (the runtime holds it), at most
+STORE_LIMIT of them, oldest dropped: enough for retrieve, delete, input_items, cancel and
+``previous_response_id`` in a demo. An unknown id gets OpenAI's 404 error body.
 """
 
 from __future__ import annotations
@@ -58,10 +58,19 @@ class _Stored:
     history: list[tuple[str, str]]  # (role, text) turns a previous_response_id continues
 
 
-_STORE: OrderedDict[str, _Stored] = OrderedDict()
+class EchoStore:
+    """The responses one app's echo created, for its follow-ups: at most STORE_LIMIT, oldest dropped."""
+
+    def __init__(self) -> None:
+        self.responses: OrderedDict[str, _Stored] = OrderedDict()
+
+    def keep(self, response_id: str, stored: _Stored) -> None:
+        self.responses[response_id] = stored
+        while len(self.responses) > STORE_LIMIT:
+            self.responses.popitem(last=False)
 
 
-def answer(path: str, body: Mapping[str, Any] | None, method: str) -> Answer:
+def answer(path: str, body: Mapping[str, Any] | None, method: str, store: EchoStore) -> Answer:
     """The echo's answer to `method path` (relative to the API root) with the parsed JSON `body`."""
     route = urlsplit(path)
     parts = route.path.strip("/").split("/")
@@ -71,9 +80,9 @@ def answer(path: str, body: Mapping[str, Any] | None, method: str) -> Answer:
     if method == "POST" and parts == ["messages", "count_tokens"]:
         return Answer(200, {"input_tokens": _prompt_tokens(_anthropic_turns(request))})
     if method == "POST" and parts == ["responses"]:
-        return _create_response(request)
+        return _create_response(request, store)
     if len(parts) >= 2 and parts[0] == "responses":
-        return _follow_up(parts[1], parts[2:], method, parse_qs(route.query))
+        return _follow_up(parts[1], parts[2:], method, parse_qs(route.query), store)
     return _openai_error(404, f"Unknown request URL: {method} {route.path}.", None)
 
 
@@ -206,14 +215,14 @@ def _response_object(body: JSON, response_id: str, status: str, output: list[JSO
     }
 
 
-def _create_response(body: JSON) -> Answer:
+def _create_response(body: JSON, store: EchoStore) -> Answer:
     if not isinstance(body.get("input"), str | list):
         return _openai_error(400, "Missing required parameter: 'input'.", "input")
     previous = body.get("previous_response_id")
-    if previous is not None and previous not in _STORE:
+    if previous is not None and previous not in store.responses:
         return _openai_error(404, f"Previous response with id '{previous}' not found.", "previous_response_id",
                              "previous_response_not_found")
-    history = _STORE[previous].history if previous is not None else []
+    history = store.responses[previous].history if previous is not None else []
     instructions = body.get("instructions")
     turn = _input_turns(body["input"])
     system = [("system", instructions)] if isinstance(instructions, str) and instructions else []
@@ -227,7 +236,7 @@ def _create_response(body: JSON) -> Answer:
     response_id = _new_id("resp")
     final = _response_object(body, response_id, "incomplete" if cut else "completed", [item], usage)
     if body.get("store", True) is not False:
-        _keep(response_id, _Stored(final, _input_items(body["input"]), [*history, *turn, ("assistant", text)]))
+        store.keep(response_id, _Stored(final, _input_items(body["input"]), [*history, *turn, ("assistant", text)]))
     if body.get("stream") is not True:
         return Answer(200, final)
     initial = _response_object(body, response_id, "in_progress", [], None)
@@ -252,21 +261,18 @@ def _response_events(initial: JSON, final: JSON, item: JSON, words: list[str]) -
     return [{"type": e["type"], "sequence_number": n, **e} for n, e in enumerate(events)]
 
 
-def _keep(response_id: str, stored: _Stored) -> None:
-    _STORE[response_id] = stored
-    while len(_STORE) > STORE_LIMIT:
-        _STORE.popitem(last=False)
 
 
-def _follow_up(response_id: str, rest: list[str], method: str, query: dict[str, list[str]]) -> Answer:
+def _follow_up(response_id: str, rest: list[str], method: str, query: dict[str, list[str]],
+               store: EchoStore) -> Answer:
     """GET/DELETE /responses/{id}, POST /responses/{id}/cancel, GET /responses/{id}/input_items."""
-    stored = _STORE.get(response_id)
+    stored = store.responses.get(response_id)
     if stored is None:
         return _openai_error(404, f"Response with id '{response_id}' not found.", "response_id")
     if method == "GET" and not rest:
         return Answer(200, stored.response)
     if method == "DELETE" and not rest:
-        del _STORE[response_id]
+        del store.responses[response_id]
         return Answer(200, {"id": response_id, "object": "response", "deleted": True})
     if method == "POST" and rest == ["cancel"]:  # the echo answers at once: nothing is ever in progress
         return _openai_error(400, "Cannot cancel a synchronous response.", "response_id")

@@ -220,6 +220,8 @@ class Endpoint:
     refused: Mapping[str, str] = field(default_factory=dict)  # fields Lumen cannot honour when set: why
 
 
+CONVERSATION = ("Lumen does not serve the Conversations API, so a conversation cannot be tied to your account: "
+                "continue with previous_response_id instead.")
 MESSAGES_HEADERS = ("Accept", "anthropic-version", "anthropic-beta")
 BACKGROUND = ("Background responses are not supported: Lumen bills a response when it ends, and a background one "
               "ends after the request. Leave 'background' unset (use \"stream\": true for long answers).")
@@ -232,7 +234,8 @@ ENDPOINTS: Mapping[str, Endpoint] = {e.path: e for e in (
     Endpoint("/v1/embeddings", "/embeddings", "embeddings", False, (), (), "input", one_prompt, embedding_usage,
              media=False),
     Endpoint("/v1/responses", "/responses", "responses", True, ("max_output_tokens",), (), "input", one_prompt,
-             responses_usage, RESPONSES_STREAM, RESPONSES_ERRORS, remembers=True, refused={"background": BACKGROUND}),
+             responses_usage, RESPONSES_STREAM, RESPONSES_ERRORS, remembers=True,
+             refused={"background": BACKGROUND, "conversation": CONVERSATION}),
     Endpoint("/v1/messages", "/messages", "messages", True, ("max_tokens",), (), "messages", one_prompt,
              messages_usage, MESSAGES_STREAM, ANTHROPIC_ERRORS, output_required=True,
              forward_headers=MESSAGES_HEADERS, sends_x_api_key=True),
@@ -285,7 +288,8 @@ def check_fields(body: Mapping[str, Any], endpoint: Endpoint) -> None:
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise _bad_type("stream_options", "an object", body["stream_options"])
     for name, why in endpoint.refused.items():
-        if body.get(name) not in (None, False):
+        value = body.get(name)
+        if value is not None and value is not False:
             raise BadRequest(why, param=name)
     previous = body.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous):

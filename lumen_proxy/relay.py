@@ -348,7 +348,7 @@ async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, b
         call.backend, call.backend_used = backend.label, backend
         call.upstream_at = time.perf_counter()
         if backend.is_builtin:
-            return EchoUpstream(endpoint.upstream, send)
+            return EchoUpstream(endpoint.upstream, send, rt.echo)
         headers = upstream_headers(request.headers, backend, call.request_id, endpoint.forward_headers,
                                    endpoint.sends_x_api_key)
         return await rt.client.post(backend, endpoint.upstream, encoded, headers)

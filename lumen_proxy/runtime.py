@@ -27,6 +27,7 @@ from aiohttp import web
 from .auth import AccessView
 from .backends import BackendPool, HttpClient, check_backends
 from .billing import Coins, Wallets
+from .builtin_formats import EchoStore
 from .config import Config
 from .metrics import Metrics
 from .owners import ResponseOwners
@@ -66,6 +67,7 @@ class Runtime:
     client: HttpClient
     metrics: Metrics
     responses: ResponseOwners
+    echo: EchoStore = field(default_factory=EchoStore)  # the built-in echo's stored responses
     started: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 

@@ -47,7 +47,7 @@ async def follow_up(request: web.Request) -> web.StreamResponse:
 
         async def dial(backend: Backend) -> Upstream:
             if backend.is_builtin:
-                return EchoUpstream(path, None, request.method)
+                return EchoUpstream(path + query, None, rt.echo, request.method)
             headers = upstream_headers(request.headers, backend, request[REQUEST_ID])
             return await rt.client.send(request.method, backend, path + query, None, headers)
 

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 NODE_DIR = Path(__file__).parent / "node"
-EXAMPLES = ("chat", "stream", "models")
+EXAMPLES = ("chat", "stream", "models", "responses")
 NODE_TIMEOUT = 60.0  # seconds; an example talks to 127.0.0.1 only, so this is a hang, never slowness
 
 
