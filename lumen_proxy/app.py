@@ -25,6 +25,7 @@ from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
 from .endpoints import ENDPOINTS, SERVED, error_shape
 from .errors import BadRequest, NotFound, StorageUnavailable, make_error_middleware
+from .periods import iso, next_start
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
 from .stateful import follow_up
@@ -100,16 +101,25 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def me(request: web.Request) -> web.Response:
-    """A key holder's own account: balance, limits, models (the seed's "Usage page", for scripts)."""
+    """A key holder's own account: balance, allowance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
     principal = await rt.view.identify(credentials(request.headers))
     account = principal.account
+    allowance_left = rt.wallets.allowance_left(account.id)
+    group = rt.config.group(account.group)
+    allowance = None
+    if group is not None and group.allowance is not None:
+        resets = next_start(rt.allowances.clock(), group.allowance.every, rt.config.timezone)
+        allowance = {"coins": to_coins(group.allowance.coins), "left": to_coins(allowance_left),
+                     "every": group.allowance.every, "resets_at": iso(resets, rt.config.timezone)}
     return _json({
         "account": account.name,
-        "coins": to_coins(rt.wallets.settled(account.id)),
+        "group": group.name if group is not None else None,
+        "coins": to_coins(rt.wallets.settled(account.id) - allowance_left),  # the persistent balance
+        "allowance": allowance,
         "coins_held": to_coins(rt.wallets.held_by(account.id)),
         "models": [m.name for m in visible_models(rt.config, account)],
-        "limits": dataclasses.asdict(account_limits(rt.config.limits, account)),
+        "limits": dataclasses.asdict(account_limits(rt.config, account)),
         "key_id": principal.key_id,
     })
 

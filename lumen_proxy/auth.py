@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .billing import Coins
-from .config import Config, Model
+from .config import Config, GroupLimits, Model
 from .errors import InvalidKey, ModelNotAllowed, ModelNotFound, StorageUnavailable
 from .keys import hash_key
 from .ratelimit import LimitSpec
@@ -81,7 +81,8 @@ class AccessView:
             accounts, keys = await self.store.load_view()
             self.accounts = {a.id: a for a in accounts}
             self.keys = {k.hash: k for k in keys}
-            self.wallets.load((a.id, a.balance) for a in accounts)
+            self.wallets.load((a.id, a.balance + a.allowance) for a in accounts)
+            self.wallets.load_allowances((a.id, a.allowance) for a in accounts)
             self._generation = generation
         self._fresh_at = time.monotonic()
 
@@ -170,9 +171,17 @@ def _redact(token: str) -> str:
     return token[:6] + "..." + token[-2:] if len(token) > 12 else "***"
 
 
-def account_limits(default: LimitSpec, account: AccountRow) -> LimitSpec:
-    """The account's own limits where the admin set them (``accounts set-limits``), else the defaults."""
-    return _merged_limits(default, account.rpm, account.tpm, account.concurrency)
+def account_limits(config: Config, account: AccountRow) -> LimitSpec:
+    """The one resolution of limits: what the admin set on the account (``accounts set-limits``), else
+    its group's, else the defaults."""
+    group = config.group(account.group)
+    limits = group.limits if group is not None else NO_GROUP_LIMITS
+    return _merged_limits(config.limits, limits.rpm if account.rpm is None else account.rpm,
+                          limits.tpm if account.tpm is None else account.tpm,
+                          limits.concurrency if account.concurrency is None else account.concurrency)
+
+
+NO_GROUP_LIMITS = GroupLimits()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -184,13 +193,22 @@ def _merged_limits(default: LimitSpec, rpm: int | None, tpm: int | None, concurr
     )
 
 
-def may_use(account: AccountRow, model: Model) -> bool:
-    """The one access rule: both /v1/models and the 403 check use it."""
-    return account.models is None or model.name in account.models
+def allowed_models(config: Config, account: AccountRow) -> tuple[str, ...] | None:
+    """The one access rule: the account's own list (``accounts set-models``), else its group's, else
+    None (every model). /v1/models, the 403 and the body limit all use it."""
+    if account.models is not None:
+        return account.models
+    group = config.group(account.group)
+    return group.models if group is not None else None
+
+
+def may_use(config: Config, account: AccountRow, model: Model) -> bool:
+    allowed = allowed_models(config, account)
+    return allowed is None or model.name in allowed
 
 
 def visible_models(config: Config, account: AccountRow) -> list[Model]:
-    return [m for m in config.models if may_use(account, m)]
+    return [m for m in config.models if may_use(config, account, m)]
 
 
 def require_model(config: Config, account: AccountRow, name: str) -> Model:
@@ -198,6 +216,6 @@ def require_model(config: Config, account: AccountRow, name: str) -> Model:
     if model is None:
         raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.",
                             param="model")
-    if not may_use(account, model):
+    if not may_use(config, account, model):
         raise ModelNotAllowed(f"Your account does not have access to the model `{name}`.", param="model")
     return model

@@ -69,6 +69,18 @@ class Coins(Protocol):
     def dropped(self, account_id: int, amount: int) -> None: ...
     def owe(self, account_id: int, amount: int) -> None: ...
 
+    def load_allowances(self, allowances: Iterable[tuple[int, int]]) -> None:
+        """The committed allowance left of each account (a part of its ``load``-ed amount, spent first)."""
+        ...
+
+    def allowance_left(self, account_id: int) -> int:
+        """The allowance once every finished request is debited (costs are taken from it first)."""
+        ...
+
+    def in_flight(self, account_id: int) -> int:
+        """What requests of the account may still debit: open holds plus costs not yet written."""
+        ...
+
 
 class Wallets:
     """Balances, pending debits and open holds per account, in this process's memory (a :class:`Coins`).
@@ -77,9 +89,19 @@ class Wallets:
     """
 
     def __init__(self) -> None:
-        self.balance: dict[int, int] = {}
+        self.balance: dict[int, int] = {}  # committed: the balance plus the allowance left
         self.pending: dict[int, int] = {}
         self.held: dict[int, int] = {}
+        self.allowance: dict[int, int] = {}  # committed allowance left (a part of balance)
+
+    def load_allowances(self, allowances: Iterable[tuple[int, int]]) -> None:
+        self.allowance = {account_id: left for account_id, left in allowances if left}
+
+    def allowance_left(self, account_id: int) -> int:
+        return max(self.allowance.get(account_id, 0) - self.pending.get(account_id, 0), 0)
+
+    def in_flight(self, account_id: int) -> int:
+        return self.pending.get(account_id, 0) + self.held.get(account_id, 0)
 
     def load(self, balances: Iterable[tuple[int, int]]) -> None:
         """Take the committed balances from the database (after an admin change, or at start)."""
@@ -122,6 +144,8 @@ class Wallets:
         """The usage writer committed these debits: move them from pending into the balance."""
         for account_id, amount in debits.items():
             self.balance[account_id] = self.balance.get(account_id, 0) - amount
+            if account_id in self.allowance:  # the database takes the allowance first (sqlite_store._DEBIT)
+                self.allowance[account_id] = max(self.allowance[account_id] - amount, 0)
             left = self.pending.get(account_id, 0) - amount
             if left:
                 self.pending[account_id] = left

@@ -16,10 +16,12 @@ from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from yarl import URL
 
+from .periods import EVERY, Every
 from .ratelimit import LimitSpec
 
 MICRO = 1_000_000
@@ -142,6 +144,32 @@ class UsageBacklog:
 
 
 @dataclass(frozen=True, slots=True)
+class Allowance:
+    """Coins an account of a group gets at the start of every period; what is left does not roll over."""
+
+    coins: int  # micro-coins
+    every: Every
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLimits:
+    """A group's limits: each one set overrides the defaults; an account's own overrides it."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    models: tuple[str, ...] | None = None  # None: every model
+    limits: GroupLimits = GroupLimits()
+    allowance: Allowance | None = None
+    max_keys: int | None = None  # keys an account of the group may hold; None: no limit
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseIds:
     """How many Responses API response ids Lumen remembers (to route follow-ups), and for how long."""
 
@@ -166,6 +194,9 @@ class Config:
     shutdown_grace: float = 30.0
     usage_backlog: UsageBacklog = UsageBacklog()
     response_ids: ResponseIds = ResponseIds()
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    groups: tuple[Group, ...] = ()
+    default_group: str | None = None
     admin_token: str | None = None
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ("*",)
@@ -174,8 +205,10 @@ class Config:
     largest_body_bytes: int = field(init=False, compare=False, repr=False)
     """The largest body any model accepts; with ``body_overrides`` False, every model's limit."""
     body_overrides: bool = field(init=False, compare=False, repr=False)
+    _groups: Mapping[str, Group] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_groups", {g.name: g for g in self.groups})
         overrides = [m.max_body_bytes for m in self.models if m.max_body_bytes is not None]
         default = [self.max_body_bytes] if len(overrides) < len(self.models) or not self.models else []
         object.__setattr__(self, "largest_body_bytes", max(overrides + default))
@@ -183,6 +216,10 @@ class Config:
 
     def model(self, name: str) -> Model | None:
         return self.by_name.get(name)
+
+    def group(self, name: str | None) -> Group | None:
+        """The group ``name``, or None (no group, or one the config no longer has)."""
+        return self._groups.get(name) if name is not None else None
 
 
 class _Reader:
@@ -300,6 +337,61 @@ def _response_ids(r: _Reader, value: Any, path: str) -> ResponseIds:
     )
 
 
+def _zone(r: _Reader, value: Any, path: str) -> ZoneInfo:
+    name = r.string(value, path)
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.fail(path, f"unknown time zone {name!r} (an IANA name such as Europe/Berlin or UTC)") from None
+
+
+def _group(r: _Reader, value: Any, path: str, models: Mapping[str, Model]) -> Group:
+    data = r.mapping(value, path, {"name", "models", "limits", "allowance", "max_keys"})
+    if "name" not in data:
+        raise r.fail(_join(path, "name"), "is required")
+    name = r.string(data["name"], _join(path, "name"))
+    group_models = None
+    if data.get("models") is not None:
+        listed = data["models"]
+        if not isinstance(listed, list):
+            raise r.fail(_join(path, "models"), f"must be a list of model names, got {_kind(listed)}")
+        for i, model in enumerate(listed):
+            if model not in models:
+                raise r.fail(f"{path}.models[{i}]", f"no model named {model!r} in models")
+        group_models = tuple(dict.fromkeys(listed))
+    limits = GroupLimits()
+    if data.get("limits") is not None:
+        where = _join(path, "limits")
+        given = r.mapping(data["limits"], where, {"rpm", "tpm", "concurrency"})
+        count = lambda v, p: int(r.number(v, p, integer=True))  # noqa: E731
+        limits = GroupLimits(**{k: r.optional(given, k, where, count, None) for k in ("rpm", "tpm", "concurrency")})
+    allowance = None
+    if data.get("allowance") is not None:
+        where = _join(path, "allowance")
+        given = r.mapping(data["allowance"], where, {"coins", "every"})
+        for key in ("coins", "every"):
+            if key not in given:
+                raise r.fail(_join(where, key), "is required")
+        every = _choice(r, given["every"], _join(where, "every"), EVERY)
+        allowance = Allowance(micro_coins(given["coins"], _join(where, "coins"), r), every)  # type: ignore[arg-type]
+    return Group(
+        name=name, models=group_models, limits=limits, allowance=allowance,
+        max_keys=r.optional(data, "max_keys", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), None),
+    )
+
+
+def _groups(r: _Reader, value: Any, models: Mapping[str, Model]) -> tuple[Group, ...]:
+    if not isinstance(value, list):
+        raise r.fail("groups", f"must be a list of groups, got {_kind(value)}")
+    groups = tuple(_group(r, g, f"groups[{i}]", models) for i, g in enumerate(value))
+    seen: set[str] = set()
+    for i, group in enumerate(groups):
+        if group.name in seen:
+            raise r.fail(f"groups[{i}].name", f"duplicate group name {group.name!r}")
+        seen.add(group.name)
+    return groups
+
+
 def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
     data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field", "headers", "apis"})
     if "url" not in data:
@@ -415,7 +507,7 @@ _TOP = {
     "listen", "database", "models", "limits", "timeouts", "circuit_breaker", "health_check_interval",
     "max_body_mb", "max_response_mb", "max_connections", "shutdown_grace", "admin_token", "log_prompts", "demo",
     "cors_origins",
-    "usage_backlog", "response_ids",
+    "usage_backlog", "response_ids", "timezone", "groups", "default_group",
 }
 
 
@@ -438,6 +530,11 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         by_name[m.name] = m
     timeouts = r.mapping(top.get("timeouts"), "timeouts", {f.name for f in dataclasses.fields(Timeouts)})
     breaker = r.mapping(top.get("circuit_breaker"), "circuit_breaker", {"failures", "cooldown"})
+    no_groups: tuple[Group, ...] = ()
+    groups = r.optional(top, "groups", "", lambda v, p: _groups(r, v, by_name), no_groups)
+    default_group = r.optional(top, "default_group", "", r.string, None)
+    if default_group is not None and default_group not in {g.name for g in groups}:
+        raise r.fail("default_group", f"no group named {default_group!r} in groups")
     seconds = lambda v, p: float(r.number(v, p))  # noqa: E731
     positive = lambda v, p: float(r.number(v, p, minimum=0.001))  # noqa: E731
     mebibytes = lambda v, p: _mebibytes(r, v, p)  # noqa: E731
@@ -463,6 +560,9 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         shutdown_grace=r.optional(top, "shutdown_grace", "", seconds, 30.0),
         usage_backlog=r.optional(top, "usage_backlog", "", lambda v, p: _usage_backlog(r, v, p), UsageBacklog()),
         response_ids=r.optional(top, "response_ids", "", lambda v, p: _response_ids(r, v, p), ResponseIds()),
+        timezone=r.optional(top, "timezone", "", lambda v, p: _zone(r, v, p), ZoneInfo("UTC")),
+        groups=groups,
+        default_group=default_group,
         admin_token=r.optional(top, "admin_token", "", r.string, None),
         log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
         cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),

@@ -115,6 +115,15 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "m008_groups_and_allowances",
+        """
+        ALTER TABLE accounts ADD COLUMN group_name TEXT;        -- a group of the config; NULL = none
+        ALTER TABLE accounts ADD COLUMN allowance INTEGER NOT NULL DEFAULT 0 CHECK (allowance >= 0);  -- micro-coins
+        ALTER TABLE accounts ADD COLUMN allowance_start REAL;   -- UTC start of the period it was granted for
+        CREATE INDEX accounts_group ON accounts(group_name);
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

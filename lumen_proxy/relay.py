@@ -24,8 +24,10 @@ import orjson
 from aiohttp import web
 
 from . import billing
-from .auth import Principal, account_limits, credentials, require_model, visible_models
+from .allowances import refills_at
+from .auth import Principal, account_limits, allowed_models, credentials, require_model, visible_models
 from .backends import BadAnswer, Upstream, connect, upstream_headers
+from .billing import to_coins
 from .builtin import EchoUpstream
 from .config import Backend, Config, Model, Price
 from .endpoints import ENDPOINTS, Endpoint, Usage, WorstCase, check_fields, upstream_body, worst_case
@@ -152,7 +154,7 @@ def key_subjects(rt: Runtime, principal: Principal) -> list[tuple[str, LimitSpec
     """Per key: the defaults; per account: its own limits, else the defaults."""
     account = principal.account
     return [(f"key:{principal.key_id}", rt.config.limits),
-            (f"account:{account.id}", account_limits(rt.config.limits, account))]
+            (f"account:{account.id}", account_limits(rt.config, account))]
 
 
 def model_subjects(principal: Principal, model: Model) -> list[tuple[str, LimitSpec]]:
@@ -170,10 +172,26 @@ async def refuse_early(rt: Runtime, principal: Principal, request_id: str, bille
         raise RateLimited(admission.message, headers=admission.headers())
     account = principal.account
     if billed and rt.wallets.available(account.id) <= 0 and \
-            not any(m.price == FREE for m in visible_models(rt.config, account)):
+            not any(m.price == FREE for m in visible_models(rt.config, account)) and \
+            not await refilled(rt, account):
         admission.finish(0)
-        raise InsufficientQuota(NO_COINS, headers=admission.headers())
+        raise InsufficientQuota(no_coins(rt, account), headers=admission.headers())
     return admission
+
+
+async def refilled(rt: Runtime, account: AccountRow) -> bool:
+    """Refill an account that is out of coins when its new period has begun and the periodic refill has
+    not run yet (at most a second after midnight): it gets what it is owed, once, before a 402."""
+    return rt.allowances.is_due(account) and await rt.allowances.refill(only=account.id) > 0
+
+
+def no_coins(rt: Runtime, account: AccountRow) -> str:
+    """The 402's message: what to do, and when the account's allowance refills if it has one."""
+    group = rt.config.group(account.group)
+    when = refills_at(account, rt.config, rt.allowances.clock())
+    if group is None or group.allowance is None or when is None:
+        return NO_COINS
+    return f"{NO_COINS} Your allowance of {to_coins(group.allowance.coins):g} coins refills on {when}."
 
 
 def body_limit(config: Config, account: AccountRow) -> int:
@@ -181,7 +199,7 @@ def body_limit(config: Config, account: AccountRow) -> int:
 
     Without per-model limits, or for an account that may use every model, the config knows it already.
     """
-    if not config.body_overrides or account.models is None:
+    if not config.body_overrides or allowed_models(config, account) is None:
         return config.largest_body_bytes
     return max((m.max_body_bytes or config.max_body_bytes for m in visible_models(config, account)),
                default=config.max_body_bytes)
@@ -245,11 +263,12 @@ async def relay(request: web.Request) -> web.StreamResponse:
             raise RateLimited(refusal.message, headers=refusal.headers())
         if endpoint.billed:
             call.worst = worst
-            hold = await rt.wallets.reserve(principal.account.id,
-                                            billing.worst_cost(model.price, worst.prompt, worst.completion),
-                                            call.request_id)
+            amount = billing.worst_cost(model.price, worst.prompt, worst.completion)
+            hold = await rt.wallets.reserve(principal.account.id, amount, call.request_id)
+            if hold is None and await refilled(rt, principal.account):
+                hold = await rt.wallets.reserve(principal.account.id, amount, call.request_id)
             if hold is None:
-                raise InsufficientQuota(NO_COINS)
+                raise InsufficientQuota(no_coins(rt, principal.account))
             call.estimate = (worst.typical_prompt, 0)
         return await forward(request, rt, call, model, body, worst, ticket, backends)
     except LumenError as exc:

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
+from .allowances import Allowances
 from .auth import AccessView
 from .backends import BackendPool, HttpClient, check_backends
 from .billing import Coins, Wallets
@@ -67,6 +68,7 @@ class Runtime:
     client: HttpClient
     metrics: Metrics
     responses: ResponseOwners
+    allowances: Allowances
     echo: EchoStore = field(default_factory=EchoStore)  # the built-in echo's stored responses
     started: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -134,7 +136,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             raise
         app[RUNTIME] = rt
         try:
-            for coro in (rt.view.run(), rt.usage.run(), _sweep(rt.limiter), _health_loop(rt)):
+            for coro in (rt.view.run(), rt.usage.run(), _sweep(rt.limiter), _health_loop(rt), rt.allowances.run()):
                 _spawn(rt, coro)
             yield
         finally:
@@ -159,9 +161,10 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
         pool = BackendPool(clock=monotonic)
         pool.breaker = config.breaker
         pool.timeouts = config.timeouts
+        view = AccessView(store, wallets, writer_lock, clock=clock)
         rt = Runtime(
             config=config, store=store, wallets=wallets,
-            view=AccessView(store, wallets, writer_lock, clock=clock),
+            view=view,
             usage=UsageLog(store, wallets, writer_lock, interval=usage_interval, access_log=access_log,
                            quarantine=quarantine_path(config.database), spill=spill_path(config.database),
                            backlog=config.usage_backlog, clock=monotonic),
@@ -169,10 +172,13 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             metrics=Metrics(),
             responses=ResponseOwners(keep=config.response_ids.keep, ttl=config.response_ids.hours * 3600,
                                      clock=monotonic),
+            allowances=Allowances(lambda: rt.config, lambda: view.accounts, wallets, store, writer_lock,
+                                  view.reload, clock),
         )
         try:
             await rt.usage.replay()  # before the view loads the balances: they include these debits
             await rt.view.reload()
+            await rt.allowances.refill()  # a server down over a period's start refills before serving
             if on_ready is not None:
                 await on_ready(rt)
         except StorageFailure as exc:

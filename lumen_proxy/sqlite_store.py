@@ -41,8 +41,10 @@ from .migrations import MIGRATIONS
 from .store import (
     BUSY_TIMEOUT,
     AccountRow,
+    ImportRow,
     KeyRow,
     NoSuchRecord,
+    Refill,
     ServerLocked,
     StorageFailure,
     StoreDataError,
@@ -94,21 +96,26 @@ _INSERT_USAGE = (
     " completion_tokens, cost, estimated, partial, capped, duration_ms, ttfb_ms, details)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_DEBIT = f"UPDATE accounts SET balance = {_exact('balance - ?1')} WHERE id = ?2"
+# The allowance is spent first (both right-hand sides read the old allowance): balance + allowance falls by
+# exactly the cost, and only the part beyond the allowance leaves the balance.
+_DEBIT = ("UPDATE accounts SET allowance = max(allowance - ?1, 0), "
+          f"balance = {_exact('balance - max(?1 - allowance, 0)')} WHERE id = ?2")
 _ADD_DAILY = (
     "INSERT INTO usage_daily (day, account_id, model, key_id, requests, errors, prompt_tokens, completion_tokens,"
     " cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, account_id, model, key_id) DO UPDATE SET "
     + ", ".join(f"{c} = {_exact(f'{c} + excluded.{c}')}"
                 for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost"))
 )
-_ACCOUNT_COLS = "id, name, models, enabled, created_at, balance, rpm, tpm, concurrency"
+_ACCOUNT_COLS = ("id, name, models, enabled, created_at, balance, rpm, tpm, concurrency, group_name, allowance,"
+                 " allowance_start")
 _KEY_COLS = "id, account_id, hash, prefix, label, created_at, last_used_at, expires_at, revoked_at"
 _IN_CHUNK = 500  # bound parameters per IN (...): SQLite's limit is 999 or more
 
 
 def _account(row: Sequence[Any]) -> AccountRow:
     models = tuple(json.loads(row[2])) if row[2] is not None else None
-    return AccountRow(row[0], row[1], models, bool(row[3]), row[4], row[5], row[6], row[7], row[8])
+    return AccountRow(row[0], row[1], models, bool(row[3]), row[4], row[5], row[6], row[7], row[8], row[9], row[10],
+                      row[11])
 
 
 def _key(row: Sequence[Any]) -> KeyRow:
@@ -376,40 +383,51 @@ class SqliteStore:
         return _account(row)
 
     @_translated
-    async def accounts(self) -> list[AccountRow]:
-        return [_account(r) for r in await self._all(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name")]
+    async def accounts(self, group: str | None = None) -> list[AccountRow]:
+        if group is None:
+            return [_account(r) for r in await self._all(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name")]
+        return [_account(r) for r in await self._all(
+            f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE group_name = ? ORDER BY name", (group,))]
 
     @_translated
     async def add_account(self, name: str, coins: int = 0, models: Sequence[str] | None = None,
-                          *, now: float | None = None) -> AccountRow:
+                          *, group: str | None = None, now: float | None = None) -> AccountRow:
         now = time.time() if now is None else now
         if await self._one("SELECT 1 FROM accounts WHERE name = ?", (name,)):
             raise StoreError(f"an account named {name!r} already exists")
-        models_json = json.dumps(sorted(set(models))) if models is not None else None
         try:
             async with self.transaction():
-                cur = await self.conn.execute(
-                    "INSERT INTO accounts (name, models, created_at, balance) VALUES (?, ?, ?, ?)",
-                    (name, models_json, now, coins),
-                )
-                await self.conn.execute(
-                    "INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
-                    (cur.lastrowid, now, coins, "initial coins"),
-                )
+                await self._insert_account(name, coins, models, group, now)
         except sqlite3.IntegrityError:
             raise StoreError(f"an account named {name!r} already exists") from None
         return await self.account(name)
 
+    async def _insert_account(self, name: str, coins: int, models: Sequence[str] | None, group: str | None,
+                              now: float) -> None:
+        """Inside a transaction: the account and its "initial coins" ledger row."""
+        models_json = json.dumps(sorted(set(models))) if models is not None else None
+        cur = await self.conn.execute(
+            "INSERT INTO accounts (name, models, created_at, balance, group_name) VALUES (?, ?, ?, ?, ?)",
+            (name, models_json, now, coins, group),
+        )
+        await self.conn.execute("INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)",
+                                (cur.lastrowid, now, coins, "initial coins"))
+
     @_translated
     async def update_account(self, name: str, **fields: Any) -> AccountRow:
         account = await self.account(name)
-        allowed = {"enabled", "models", "rpm", "tpm", "concurrency"}
+        allowed = {"enabled", "models", "rpm", "tpm", "concurrency", "group"}
         sets, params = [], []
         for column, value in fields.items():
             if column not in allowed:
                 raise ValueError(column)
             if column == "models" and value is not None:
                 value = json.dumps(sorted(set(value)))
+            if column == "group":
+                if value == account.group:
+                    continue
+                column = "group_name"
+                sets.append("allowance_start = NULL")  # the new group's allowance starts now
             sets.append(f"{column} = ?")
             params.append(int(value) if isinstance(value, bool) else value)
         if sets:
@@ -427,6 +445,68 @@ class SqliteStore:
             ("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account.id)),
         ])
         return await self.account(name)
+
+    @_translated
+    async def add_coins_to_group(self, group: str, amount: int, note: str | None = None,
+                                 *, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        async with self.transaction():
+            await self.conn.execute(
+                "INSERT INTO ledger (account_id, time, amount, note) SELECT id, ?, ?, ? FROM accounts"
+                " WHERE group_name = ?", (now, amount, note, group))
+            cur = await self.conn.execute("UPDATE accounts SET balance = balance + ? WHERE group_name = ?",
+                                          (amount, group))
+            return int(cur.rowcount)
+
+    @_translated
+    async def import_accounts(self, rows: Sequence[ImportRow], *, dry_run: bool = False,
+                              now: float | None = None) -> dict[str, list[str]]:
+        now = time.time() if now is None else now
+        plan: dict[str, list[str]] = {"created": [], "changed": [], "unchanged": []}
+        async with self.transaction():
+            existing = {a.name: a for a in (_account(r) for r in await self._all(
+                f"SELECT {_ACCOUNT_COLS} FROM accounts"))}
+            for row in rows:
+                account = existing.get(row.name)
+                if account is None:
+                    plan["created"].append(row.name)
+                    if not dry_run:
+                        await self._insert_account(row.name, row.coins or 0, row.models, row.group, now)
+                    continue
+                changes: list[tuple[str, Any]] = []
+                if row.group != account.group:
+                    changes += [("group_name", row.group), ("allowance_start", None)]
+                if row.models is not None and tuple(sorted(set(row.models))) != account.models:
+                    changes.append(("models", json.dumps(sorted(set(row.models)))))
+                plan["changed" if changes else "unchanged"].append(row.name)
+                if changes and not dry_run:
+                    await self.conn.execute(
+                        f"UPDATE accounts SET {', '.join(f'{c} = ?' for c, _ in changes)} WHERE id = ?",
+                        (*(v for _, v in changes), account.id))
+        return plan
+
+    @_translated
+    async def refill(self, refills: Sequence[Refill], *, now: float | None = None) -> list[Refill]:
+        now = time.time() if now is None else now
+        applied = []
+        async with self.transaction():
+            for refill in refills:
+                row = await self._one(
+                    "SELECT allowance FROM accounts WHERE id = ? AND (allowance_start IS NULL OR allowance_start < ?)",
+                    (refill.account_id, refill.start))
+                if row is None:  # granted already (this period or a later one), or the account is gone
+                    continue
+                left = int(row[0])
+                kept = min(left, refill.carry)
+                await self.conn.execute("UPDATE accounts SET allowance = ?, allowance_start = ? WHERE id = ?",
+                                        (refill.grant + kept, refill.start, refill.account_id))
+                ledger = [(refill.account_id, now, -(left - kept), "allowance expired unspent")] if left > kept else []
+                if refill.grant:
+                    ledger.append((refill.account_id, now, refill.grant, refill.note))
+                await self.conn.executemany(
+                    "INSERT INTO ledger (account_id, time, amount, note) VALUES (?, ?, ?, ?)", ledger)
+                applied.append(refill)
+        return applied
 
     # -- keys --------------------------------------------------------------------------------------------
     @_translated

@@ -79,6 +79,32 @@ class AccountRow:
     rpm: int | None = None
     tpm: int | None = None
     concurrency: int | None = None
+    group: str | None = None
+    allowance: int = 0  # micro-coins left of the current period's allowance (spent before the balance)
+    allowance_start: float | None = None  # UTC start of the period it was granted for; None: never granted
+
+
+@dataclass(frozen=True, slots=True)
+class Refill:
+    """One account's allowance for a new period: ``grant`` replaces what is left, except ``carry``, the
+    coins requests in flight may still spend (their holds and unwritten costs), which stays until settled."""
+
+    account_id: int
+    start: float  # the new period's UTC start: applied only if the account's is older (exactly once)
+    grant: int
+    carry: int
+    note: str  # the ledger note of the grant, e.g. "allowance 2026-12 (students)"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRow:
+    """One line of ``accounts import``: an account to create, or to bring to this group (and models)."""
+
+    line: int
+    name: str
+    group: str | None
+    coins: int | None = None  # initial coins of a new account; an existing account's balance is left alone
+    models: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,20 +302,41 @@ class Store(Protocol):
     # -- accounts, keys, coins (the admin commands) ---------------------------------------------------------
     async def account(self, name: str) -> AccountRow: ...
     async def account_by_id(self, account_id: int) -> AccountRow: ...
-    async def accounts(self) -> list[AccountRow]: ...
+    async def accounts(self, group: str | None = None) -> list[AccountRow]:
+        """Every account by name, or those of ``group``."""
+        ...
 
     async def add_account(self, name: str, coins: int = 0, models: Sequence[str] | None = None,
-                          *, now: float | None = None) -> AccountRow:
+                          *, group: str | None = None, now: float | None = None) -> AccountRow:
         """A new account with its starting ``coins`` in the ledger."""
         ...
 
     async def update_account(self, name: str, **fields: Any) -> AccountRow:
-        """Set ``enabled``, ``models`` (list or None = all), ``rpm``, ``tpm``, ``concurrency``."""
+        """Set ``enabled``, ``models`` (list or None = all), ``rpm``, ``tpm``, ``concurrency``, ``group``
+        (a new group's allowance starts at once: the old period's is replaced at the next refill)."""
         ...
 
     async def add_coins(self, name: str, amount: int, note: str | None = None,
                         *, now: float | None = None) -> AccountRow:
         """A ledger entry and its balance change, together (negative ``amount`` deducts)."""
+        ...
+
+    async def add_coins_to_group(self, group: str, amount: int, note: str | None = None,
+                                 *, now: float | None = None) -> int:
+        """``add_coins`` for every account of ``group``, in one transaction; how many accounts."""
+        ...
+
+    async def import_accounts(self, rows: Sequence[ImportRow], *, dry_run: bool = False,
+                              now: float | None = None) -> dict[str, list[str]]:
+        """Create the accounts that do not exist and set group (and models, when given) of those that do,
+        in one transaction; ``{"created": [...], "changed": [...], "unchanged": [...]}`` by name. Re-running
+        it changes nothing. ``dry_run``: the same answer, nothing written."""
+        ...
+
+    async def refill(self, refills: Sequence[Refill], *, now: float | None = None) -> list[Refill]:
+        """Give each account its new period's allowance, in one transaction, with its ledger rows (the grant,
+        and what expired unspent); each applies only if the account's period is older than ``start``, so a
+        period is granted exactly once whoever asks. Returns those applied."""
         ...
 
     async def create_key(self, account_name: str, label: str | None = None,

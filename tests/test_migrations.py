@@ -22,7 +22,8 @@ from tests.conftest import MakeProxy, build_config, cli, config_dict, write_conf
 from tests.fake_upstream import UpstreamServer
 
 COLUMNS = {
-    "accounts": {"id", "name", "models", "enabled", "created_at", "balance", "rpm", "tpm", "concurrency"},
+    "accounts": {"id", "name", "models", "enabled", "created_at", "balance", "rpm", "tpm", "concurrency",
+                 "group_name", "allowance", "allowance_start"},
     "keys": {"id", "account_id", "hash", "prefix", "label", "created_at", "last_used_at", "expires_at",
              "revoked_at"},
     "ledger": {"id", "account_id", "time", "amount", "note"},

@@ -1,0 +1,103 @@
+"""Refilling the allowances of groups: exactly once per account and period, and never on the request path.
+
+At the start of each period (calendar-aligned in the config's ``timezone``) an account of a group with an
+``allowance`` gets the group's coins; what was left does not roll over, except what requests in flight
+at that moment may still spend (their holds and unwritten costs), which stays until they settle, so
+that no account can be pushed below zero by a refill. Coins the admin adds are the separate balance;
+requests spend the allowance first (:data:`.sqlite_store._DEBIT`), and holds span both.
+
+Only the server refills, at start (a server that was down over midnight refills before serving), every
+``CHECK_EVERY`` seconds, and at once for an account that is out of coins when a refill is due. Each
+refill is conditional in the database (the account's period must be older), so a period is granted
+once whatever the clocks say, and each is a ledger row (with one for what expired unspent), so
+"ledger = balance + allowance" holds to the micro-coin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from .billing import Coins
+from .config import Allowance, Config
+from .periods import describe, next_start, period_start
+from .store import AccountRow, Refill, Store
+
+log = logging.getLogger("lumen_proxy")
+CHECK_EVERY = 1.0  # seconds between looks for accounts whose period has turned
+
+
+def period_label(start: float, allowance: Allowance, config: Config) -> str:
+    """``2026-12`` (month), ``2026-W49`` (week) or ``2026-12-01`` (day), in the config's zone."""
+    local = datetime.fromtimestamp(start, config.timezone)
+    if allowance.every == "month":
+        return local.strftime("%Y-%m")
+    if allowance.every == "week":
+        year, week, _ = local.isocalendar()
+        return f"{year}-W{week:02d}"
+    return local.strftime("%Y-%m-%d")
+
+
+def refill_of(account: AccountRow, config: Config, now: float, carry: int) -> Refill | None:
+    """The refill ``account`` is due at ``now``, or None. An account in no group with an allowance (or
+    moved out of one) has its leftover expire once."""
+    group = config.group(account.group)
+    allowance = group.allowance if group is not None else None
+    if allowance is None:
+        if account.allowance > 0 and (account.allowance_start is None or account.allowance_start < now):
+            return Refill(account.id, now, 0, carry, "")
+        return None
+    start = period_start(now, allowance.every, config.timezone)
+    if account.allowance_start is not None and account.allowance_start >= start:
+        return None
+    note = f"allowance {period_label(start, allowance, config)} ({account.group})"
+    return Refill(account.id, start, allowance.coins, carry, note)
+
+
+def refills_at(account: AccountRow, config: Config, now: float) -> str | None:
+    """When the account's allowance next refills, as people read it; None without an allowance."""
+    group = config.group(account.group)
+    if group is None or group.allowance is None:
+        return None
+    return describe(next_start(now, group.allowance.every, config.timezone), config.timezone)
+
+
+class Allowances:
+    """Finds due refills in the view and applies them through the store, under the usage writer's lock."""
+
+    def __init__(self, config: Callable[[], Config], accounts: Callable[[], dict[int, AccountRow]],
+                 wallets: Coins, store: Store, lock: asyncio.Lock, reload: Callable[[], Awaitable[None]],
+                 clock: Callable[[], float]) -> None:
+        self.config, self.accounts, self.wallets, self.store = config, accounts, wallets, store
+        self.lock, self.reload, self.clock = lock, reload, clock
+
+    def due(self, now: float, only: int | None = None) -> list[Refill]:
+        config = self.config()
+        accounts = self.accounts()
+        chosen = accounts.values() if only is None else [a for a in (accounts.get(only),) if a is not None]
+        return [r for r in (refill_of(a, config, now, self.wallets.in_flight(a.id)) for a in chosen) if r]
+
+    def is_due(self, account: AccountRow) -> bool:
+        return refill_of(account, self.config(), self.clock(), 0) is not None
+
+    async def refill(self, only: int | None = None) -> int:
+        """Apply every due refill (or ``only`` that account's); how many were applied."""
+        async with self.lock:  # never between a usage commit and its wallet update
+            refills = self.due(self.clock(), only)
+            if not refills:
+                return 0
+            applied = await self.store.refill(refills, now=self.clock())
+        if applied:
+            await self.reload()  # the new allowances into the view and the wallets
+            log.info("allowances refilled for %d account(s)", len(applied))
+        return len(applied)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY)
+            try:
+                await self.refill()
+            except Exception as exc:  # the next look retries: a refill is conditional, so never twice
+                log.error("cannot refill allowances (will retry): %s", exc)
