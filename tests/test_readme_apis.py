@@ -1,4 +1,5 @@
-"""README's Responses API, Agents SDK and Anthropic examples, run as written against ``lumen-proxy serve``.
+"""README's Responses API, Agents SDK and Anthropic examples, run as written against ``lumen-proxy serve``
+(and the Node Responses example, tests/node/responses.mjs).
 
 The code blocks are read from README.md (only the key and the host change), run in a thread with the
 real SDKs, and every request the backend answered is then found in the usage log by its
@@ -28,6 +29,7 @@ from lumen_proxy.config import load_config
 from lumen_proxy.endpoints import ENDPOINTS, Usage
 from tests.conftest import config_dict, eventually, write_config
 from tests.fake_upstream import RecordedRequest, UpstreamServer
+from tests.nodejs import arun_node_example, ensure_node_modules
 from tests.test_process import make_key
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -85,6 +87,7 @@ def rows_by_request(database: Path) -> dict[str, sqlite3.Row]:
 @pytest.mark.timeout(120)
 async def test_readme_examples_through_lumen_proxy_serve(lumen_process: Any, upstream: UpstreamServer,
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ensure_node_modules()
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")  # and the example disables it in code too
@@ -101,10 +104,13 @@ async def test_readme_examples_through_lumen_proxy_serve(lumen_process: Any, ups
     printed = [await asyncio.to_thread(run_block, code, proc.origin, key)
                for section in blocks.values() for code in section]
     assert all(text.strip() for text in printed)
+    node = await arun_node_example("responses", proc.base_url, key, model="gpt-4o")  # the openai npm package
+    assert node.returncode == 0, node.stderr
+    assert len(node.stdout.splitlines()) == 2 and node.stdout.splitlines()[0] == node.stdout.splitlines()[1]
 
     answered = [r for r in upstream.state.requests if r.method == "POST" and r.status == 200]
     paths = [r.path for r in answered]
-    assert paths.count("/v1/responses") >= 4 and paths.count("/v1/messages") == 1  # 3 calls + the agent's run
+    assert paths.count("/v1/responses") >= 6 and paths.count("/v1/messages") == 1  # 3 + the agent's + Node's 2
     assert answered[1].body["previous_response_id"] == orjson.loads(bytes(answered[0].sent))["id"]
     assert upstream.state.requests[-1].body.get("model") == "fake-model"
     database = load_config(path).database
