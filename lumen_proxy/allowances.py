@@ -40,16 +40,17 @@ def period_label(start: float, allowance: Allowance, config: Config) -> str:
     return local.strftime("%Y-%m-%d")
 
 
-def refill_of(account: AccountRow, config: Config, now: float, carry: int) -> Refill | None:
+def refill_of(account: AccountRow, config: Config, now: float, carry: int,
+              starts: dict[str, float] | None = None) -> Refill | None:
     """The refill ``account`` is due at ``now``, or None. An account in no group with an allowance (or
-    moved out of one) has its leftover expire once."""
+    moved out of one) has its leftover expire once. ``starts``: the groups' current period starts, if known."""
     group = config.group(account.group)
     allowance = group.allowance if group is not None else None
-    if allowance is None:
+    if group is None or allowance is None:
         if account.allowance > 0 and (account.allowance_start is None or account.allowance_start < now):
             return Refill(account.id, now, 0, carry, "")
         return None
-    start = period_start(now, allowance.every, config.timezone)
+    start = starts[group.name] if starts is not None else period_start(now, allowance.every, config.timezone)
     if account.allowance_start is not None and account.allowance_start >= start:
         return None
     note = f"allowance {period_label(start, allowance, config)} ({account.group})"
@@ -72,25 +73,53 @@ class Allowances:
                  clock: Callable[[], float]) -> None:
         self.config, self.accounts, self.wallets, self.store = config, accounts, wallets, store
         self.lock, self.reload, self.clock = lock, reload, clock
+        self._starts: dict[str, float] = {}  # per group with an allowance: its current period's start
+        self._turns_at = 0.0  # when the next of those periods begins: recompute then
+        self._for: Config | None = None  # the config they were computed for
 
-    def due(self, now: float, only: int | None = None) -> list[Refill]:
-        config = self.config()
-        accounts = self.accounts()
-        chosen = accounts.values() if only is None else [a for a in (accounts.get(only),) if a is not None]
-        return [r for r in (refill_of(a, config, now, self.wallets.in_flight(a.id)) for a in chosen) if r]
+    def _current(self, config: Config, now: float) -> dict[str, float]:
+        """The current period start of every group with an allowance; recomputed when one turns."""
+        if now >= self._turns_at or config is not self._for:
+            groups = [g for g in config.groups if g.allowance is not None]
+            self._starts = {g.name: period_start(now, g.allowance.every, config.timezone)
+                            for g in groups if g.allowance is not None}
+            self._turns_at = min((next_start(now, g.allowance.every, config.timezone)
+                                  for g in groups if g.allowance is not None), default=float("inf"))
+            self._for = config
+        return self._starts
 
     def is_due(self, account: AccountRow) -> bool:
-        return refill_of(account, self.config(), self.clock(), 0) is not None
+        """Whether ``account``'s allowance is owed (a new account, or its period has turned) and the refill
+        has not run yet. Called for every request: a dict lookup and a comparison."""
+        config = self.config()
+        group = config.group(account.group)
+        if group is None or group.allowance is None:
+            return False
+        start = self._current(config, self.clock())[group.name]
+        return account.allowance_start is None or account.allowance_start < start
+
+    def due(self, now: float) -> list[Refill]:
+        config = self.config()
+        starts = self._current(config, now)
+        return [r for r in (refill_of(a, config, now, self.wallets.in_flight(a.id), starts)
+                            for a in self.accounts().values()) if r]
 
     async def refill(self, only: int | None = None) -> int:
-        """Apply every due refill (or ``only`` that account's); how many were applied."""
+        """Apply every due refill, in one transaction; how many were applied. With ``only`` (a request of
+        that account found it owed), nothing is done unless the account is still owed once the lock is
+        held: the first such request refills everyone, the others find it done."""
         async with self.lock:  # never between a usage commit and its wallet update
-            refills = self.due(self.clock(), only)
+            if only is not None:
+                account = self.accounts().get(only)
+                if account is None or not self.is_due(account):
+                    return 0
+            refills = self.due(self.clock())
             if not refills:
                 return 0
             applied = await self.store.refill(refills, now=self.clock())
+            if applied:  # under the lock: a request waiting for it then finds its account refilled
+                await self.reload()  # the new allowances into the view and the wallets
         if applied:
-            await self.reload()  # the new allowances into the view and the wallets
             log.info("allowances refilled for %d account(s)", len(applied))
         return len(applied)
 

@@ -76,14 +76,21 @@ class AccessView:
     async def reload(self) -> None:
         await self._reload(await self.store.generation())
 
+    async def reload_holding_lock(self) -> None:
+        """:meth:`reload` for a caller that holds ``lock`` already (the allowance refill)."""
+        await self._load(await self.store.generation())
+
     async def _reload(self, generation: int) -> None:
         async with self.lock:  # never between a usage commit and its wallet update
-            accounts, keys = await self.store.load_view()
-            self.accounts = {a.id: a for a in accounts}
-            self.keys = {k.hash: k for k in keys}
-            self.wallets.load((a.id, a.balance + a.allowance) for a in accounts)
-            self.wallets.load_allowances((a.id, a.allowance) for a in accounts)
-            self._generation = generation
+            await self._load(generation)
+
+    async def _load(self, generation: int) -> None:
+        accounts, keys = await self.store.load_view()
+        self.accounts = {a.id: a for a in accounts}
+        self.keys = {k.hash: k for k in keys}
+        self.wallets.load((a.id, a.balance + a.allowance) for a in accounts)
+        self.wallets.load_allowances((a.id, a.allowance) for a in accounts)
+        self._generation = generation
         self._fresh_at = time.monotonic()
 
     async def refresh(self) -> None:

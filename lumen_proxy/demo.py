@@ -35,7 +35,7 @@ async def bootstrap_demo(rt: Runtime) -> None:
     try:
         await rt.store.account(DEMO_ACCOUNT)
     except NoSuchRecord:
-        await rt.store.add_account(DEMO_ACCOUNT, DEMO_COINS)
+        await rt.store.add_account(DEMO_ACCOUNT, DEMO_COINS, group=rt.config.default_group)
         key, _row = await rt.store.create_key(DEMO_ACCOUNT, label="demo")
         _write_secret(key_file, key)
         await rt.view.reload()

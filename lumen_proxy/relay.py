@@ -171,18 +171,13 @@ async def refuse_early(rt: Runtime, principal: Principal, request_id: str, bille
         rt.metrics.rate_limited(NO_MODEL, admission.limit)
         raise RateLimited(admission.message, headers=admission.headers())
     account = principal.account
+    if rt.allowances.is_due(account):  # a new account, or its period turned less than a second ago: the
+        await rt.allowances.refill(account.id)  # served from the allowance it is owed (one transaction for all)
     if billed and rt.wallets.available(account.id) <= 0 and \
-            not any(m.price == FREE for m in visible_models(rt.config, account)) and \
-            not await refilled(rt, account):
+            not any(m.price == FREE for m in visible_models(rt.config, account)):
         admission.finish(0)
         raise InsufficientQuota(no_coins(rt, account), headers=admission.headers())
     return admission
-
-
-async def refilled(rt: Runtime, account: AccountRow) -> bool:
-    """Refill an account that is out of coins when its new period has begun and the periodic refill has
-    not run yet (at most a second after midnight): it gets what it is owed, once, before a 402."""
-    return rt.allowances.is_due(account) and await rt.allowances.refill(only=account.id) > 0
 
 
 def no_coins(rt: Runtime, account: AccountRow) -> str:
@@ -265,8 +260,6 @@ async def relay(request: web.Request) -> web.StreamResponse:
             call.worst = worst
             amount = billing.worst_cost(model.price, worst.prompt, worst.completion)
             hold = await rt.wallets.reserve(principal.account.id, amount, call.request_id)
-            if hold is None and await refilled(rt, principal.account):
-                hold = await rt.wallets.reserve(principal.account.id, amount, call.request_id)
             if hold is None:
                 raise InsufficientQuota(no_coins(rt, principal.account))
             call.estimate = (worst.typical_prompt, 0)

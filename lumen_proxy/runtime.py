@@ -173,7 +173,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             responses=ResponseOwners(keep=config.response_ids.keep, ttl=config.response_ids.hours * 3600,
                                      clock=monotonic),
             allowances=Allowances(lambda: rt.config, lambda: view.accounts, wallets, store, writer_lock,
-                                  view.reload, clock),
+                                  view.reload_holding_lock, clock),
         )
         try:
             await rt.usage.replay()  # before the view loads the balances: they include these debits

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
@@ -217,3 +218,20 @@ async def test_the_examples_work_on_the_embedded_demo(
         "Echo from Lumen's built-in model: Write a short poem about data science",
         "Echo from Lumen's built-in model: Write a short poem about data science",
     ]
+
+
+async def test_the_demo_account_has_a_daily_allowance(make_proxy: MakeProxy, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every feature works in the demo: its account is in the `demo` group, with 10 coins a day spent first."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    config = load_config(None)
+    demo: Proxy = await make_proxy(config, on_ready=bootstrap_demo)  # type: ignore[call-arg]
+    key = demo_key_path(config.database).read_text().strip()
+    await run(basic_request, demo.base_url, key)  # the account is out of allowance: refilled on the spot
+    await demo.flush()
+    async with aiohttp.ClientSession() as http, http.get(
+            demo.origin + "/lumen/v1/me", headers={"Authorization": f"Bearer {key}"}) as response:
+        me = await response.json()
+    assert me["group"] == "demo" and me["coins"] == 100  # the persistent balance is untouched
+    assert me["allowance"]["coins"] == 10 and 0 < me["allowance"]["left"] < 10
+    assert me["allowance"]["resets_at"].endswith("T00:00:00+00:00")
