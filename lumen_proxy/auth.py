@@ -201,12 +201,8 @@ def _merged_limits(default: LimitSpec, rpm: int | None, tpm: int | None, concurr
 
 
 def allowed_models(config: Config, account: AccountRow) -> tuple[str, ...] | None:
-    """The one access rule: the account's own list (``accounts set-models``), else its group's, else
-    None (every model). /v1/models, the 403 and the body limit all use it."""
-    if account.models is not None:
-        return account.models
-    group = config.group(account.group)
-    return group.models if group is not None else None
+    """The models ``account`` may use (None: all), by :meth:`.config.Config.models_allowed`."""
+    return config.models_allowed(account.models, account.group)
 
 
 def may_use(config: Config, account: AccountRow, model: Model) -> bool:

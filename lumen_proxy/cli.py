@@ -15,45 +15,28 @@ import asyncio
 import csv
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from . import __version__
-from .config import Config, ConfigError, find_config_path, load_config
-from .store import AccountRow, KeyRow, StorageFailure, Store, StoreError, parse_utc, store_for, utc_day
-
-
-class CliError(Exception):
-    """One line for stderr; ``code`` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def coins_text(micro: int) -> str:
-    text = f"{Decimal(micro) / 1_000_000:f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-MAX_COINS = 10**9  # per command: keeps every balance far inside the store's 64-bit integers
-
-
-def parse_coins(text: str) -> int:
-    try:
-        amount = Decimal(text) * 1_000_000
-    except InvalidOperation:
-        raise CliError(f"invalid coin amount {text!r}: give a number like 10 or 2.5", 2) from None
-    if not amount.is_finite():  # NaN, Infinity
-        raise CliError(f"invalid coin amount {text!r}: give a number like 10 or 2.5", 2)
-    if abs(amount) > MAX_COINS * 1_000_000:
-        raise CliError(f"invalid coin amount {text!r}: at most {MAX_COINS} coins at a time", 2)
-    if amount != amount.to_integral_value():
-        raise CliError(f"invalid coin amount {text!r}: at most 6 decimals", 2)
-    return int(amount)
+from . import __version__, periods
+from .account_import import import_text, parse_import
+from .allowances import refill_of
+from .cli_input import NAME_RULE, CliError, coins_text, name_problem, parse_coins, unknown_group
+from .config import Config, ConfigError, Group, find_config_path, load_config
+from .store import (
+    AccountRow,
+    ImportRow,
+    KeyRow,
+    StorageFailure,
+    Store,
+    StoreError,
+    parse_utc,
+    store_for,
+    utc_day,
+)
 
 
 def parse_date(text: str) -> float:
@@ -68,9 +51,63 @@ def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def account_dict(a: AccountRow) -> dict[str, Any]:
-    return {"id": a.id, "name": a.name, "coins": float(coins_text(a.balance)), "enabled": a.enabled,
-            "models": list(a.models) if a.models is not None else "all", "created": iso(a.created_at),
+def coins_number(micro: int) -> float:
+    return float(coins_text(micro))
+
+
+def group_arg(config: Config, name: str) -> Group:
+    group = config.group(name)
+    if group is None:
+        raise unknown_group(config, name)
+    return group
+
+
+async def check_group_name(store: Store, config: Config, name: str) -> None:
+    """``name`` is a group of the config, or one that accounts still have (a group since removed from it)."""
+    if config.group(name) is None and not await store.accounts(name):
+        raise unknown_group(config, name)
+
+
+def allowance_dict(a: AccountRow, config: Config, now: float) -> dict[str, Any] | None:
+    """The account's allowance as its group gives it, None without one. ``granted`` is False until the server
+    has granted the current period's (at once for a new member, else within a second of the period's start)."""
+    group = config.group(a.group)
+    if group is None or group.allowance is None:
+        return None
+    every = group.allowance.every
+    return {"coins": coins_number(group.allowance.coins), "left": coins_number(a.allowance), "every": every,
+            "granted": refill_of(a, config, now, 0) is None,
+            "resets_at": periods.iso(periods.next_start(now, every, config.timezone), config.timezone)}
+
+
+def models_of(a: AccountRow, config: Config) -> tuple[str, ...] | None:
+    """The models the account may use: its own list, else its group's, else None (all)."""
+    return config.models_allowed(a.models, a.group)
+
+
+def models_cell(a: AccountRow, config: Config, sep: str = ",") -> str:
+    models = models_of(a, config)
+    inherited = " (group's)" if a.models is None and models is not None else ""
+    return sep.join(models) + inherited if models is not None else "all"
+
+
+def limits_cell(a: AccountRow, config: Config) -> str:
+    """The account's own limits, else its group's (marked), as ``rpm=20, tpm=40000 (group's)``."""
+    group = config.group(a.group)
+    parts = []
+    for name in ("rpm", "tpm", "concurrency"):
+        own, inherited = getattr(a, name), getattr(group.limits, name) if group else None
+        if own is not None or inherited is not None:
+            parts.append(f"{name}={own}" if own is not None else f"{name}={inherited} (group's)")
+    return ", ".join(parts) or "defaults"
+
+
+def account_dict(a: AccountRow, config: Config, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    models = models_of(a, config)
+    return {"id": a.id, "name": a.name, "group": a.group, "coins": coins_number(a.balance),
+            "allowance": allowance_dict(a, config, now), "enabled": a.enabled,
+            "models": list(models) if models is not None else "all", "created": iso(a.created_at),
             "limits": {"rpm": a.rpm, "tpm": a.tpm, "concurrency": a.concurrency}}
 
 
@@ -98,51 +135,114 @@ def models_arg(config: Config, text: str | None) -> list[str] | None:
 
 
 # -- admin commands ------------------------------------------------------------------------------------
+def allowance_text(group: Group) -> str:
+    allowance = group.allowance
+    return "" if allowance is None else f"{coins_text(allowance.coins)} coins a {allowance.every}"
+
+
 async def accounts_add(store: Store, config: Config, args: argparse.Namespace) -> None:
+    problem = name_problem(args.name)
+    if problem:
+        raise CliError(problem, 2)
     coins = parse_coins(args.coins)
     if coins < 0:
         raise CliError("--coins must not be negative", 2)
-    account = await store.add_account(args.name, coins, models_arg(config, args.models))
-    emit(args, account_dict(account), lambda: f"created account {account.name} with {coins_text(coins)} coins")
+    group = group_arg(config, args.group) if args.group is not None else config.group(config.default_group)
+    models = models_arg(config, args.models)
+    account = await store.add_account(args.name, coins, models, group=group.name if group else None)
+
+    def text() -> str:
+        joined = f" in group {group.name}" if group else ""
+        granted = f" (and an allowance of {allowance_text(group)}, granted by the server within a second)" \
+            if group and group.allowance else ""
+        return f"created account {account.name}{joined} with {coins_text(coins)} coins{granted}"
+
+    emit(args, account_dict(account, config), text)
+
+
+def account_group_text(a: AccountRow, config: Config, now: float) -> str:
+    group = config.group(a.group)
+    if a.group is None:
+        return "none"
+    if group is None:
+        return f"{a.group} (not in {config.source}: no models, limits or allowance from it)"
+    allowance = allowance_dict(a, config, now)
+    if allowance is None:
+        return group.name
+    when = periods.describe(periods.next_start(now, allowance["every"], config.timezone), config.timezone)
+    if not allowance["granted"]:
+        return (f"{group.name}, allowance {allowance_text(group)}: this period's not granted yet "
+                f"(the running server grants it within a second); refills {when}")
+    return f"{group.name}, allowance {allowance_text(group)}: {coins_text(a.allowance)} left, refills {when}"
 
 
 async def accounts_show(store: Store, config: Config, args: argparse.Namespace) -> None:
     a = await store.account(args.name)
     keys = await store.keys(args.name)
-    data = {**account_dict(a), "keys": [key_dict(k, n) for k, n in keys]}
+    now = time.time()
+    data = {**account_dict(a, config, now), "keys": [key_dict(k, n) for k, n in keys]}
 
     def text() -> str:
-        models = ", ".join(a.models) if a.models is not None else "all"
-        limits = ", ".join(f"{k}={v}" for k, v in data["limits"].items() if v is not None) or "defaults"
+        models = models_cell(a, config, ", ")
+        limits = limits_cell(a, config)
         active = sum(1 for k, _ in keys if k.revoked_at is None)
-        return (f"account  {a.name} (id {a.id}){'' if a.enabled else '  DISABLED'}\ncoins    {coins_text(a.balance)}\n"
+        return (f"account  {a.name} (id {a.id}){'' if a.enabled else '  DISABLED'}\n"
+                f"group    {account_group_text(a, config, now)}\ncoins    {coins_text(a.balance)}\n"
                 f"models   {models}\nlimits   {limits}\nkeys     {active} active, {len(keys) - active} revoked\n"
                 f"created  {iso(a.created_at)}")
 
     emit(args, data, text)
 
 
+def accounts_table(accounts: Sequence[AccountRow], config: Config, now: float) -> str:
+    lines = [f"{'NAME':20} {'GROUP':12} {'ALLOWANCE LEFT':>14} {'COINS':>14} {'ENABLED':8} MODELS"]
+    for a in accounts:
+        models = models_cell(a, config)
+        allowance = allowance_dict(a, config, now)
+        left = "-" if allowance is None else coins_text(a.allowance)
+        lines.append(f"{a.name:20} {a.group or '-':12} {left:>14} {coins_text(a.balance):>14} "
+                     f"{'yes' if a.enabled else 'no':8} {models}")
+    return "\n".join(lines)
+
+
 async def accounts_list(store: Store, config: Config, args: argparse.Namespace) -> None:
-    accounts = await store.accounts()
-
-    def text() -> str:
-        lines = [f"{'NAME':20} {'COINS':>14} {'ENABLED':8} MODELS"]
-        for a in accounts:
-            models = ",".join(a.models) if a.models is not None else "all"
-            lines.append(f"{a.name:20} {coins_text(a.balance):>14} {'yes' if a.enabled else 'no':8} {models}")
-        return "\n".join(lines)
-
-    emit(args, [account_dict(a) for a in accounts], text)
+    if args.group is not None:
+        await check_group_name(store, config, args.group)
+    accounts = await store.accounts(args.group)
+    now = time.time()
+    emit(args, [account_dict(a, config, now) for a in accounts], lambda: accounts_table(accounts, config, now))
 
 
 async def accounts_enable(store: Store, config: Config, args: argparse.Namespace) -> None:
     account = await store.update_account(args.name, enabled=args.enabled)
-    emit(args, account_dict(account), lambda: f"account {account.name} {'enabled' if account.enabled else 'disabled'}")
+    emit(args, account_dict(account, config),
+         lambda: f"account {account.name} {'enabled' if account.enabled else 'disabled'}")
 
 
 async def accounts_set_models(store: Store, config: Config, args: argparse.Namespace) -> None:
     account = await store.update_account(args.name, models=models_arg(config, args.models))
-    emit(args, account_dict(account), lambda: f"account {account.name} may use: {args.models}")
+    emit(args, account_dict(account, config), lambda: f"account {account.name} may use: {args.models}")
+
+
+async def accounts_set_group(store: Store, config: Config, args: argparse.Namespace) -> None:
+    if (args.group is None) != args.none:
+        raise CliError("give a GROUP, or --none to take the account out of its group (not both)", 2)
+    group = None if args.none else group_arg(config, args.group)
+    before = await store.account(args.name)
+    account = await store.update_account(args.name, group=group.name if group else None)
+
+    def text() -> str:
+        if group is None:
+            expires = (f"; what is left of its allowance ({coins_text(before.allowance)} coins) expires within "
+                       "a second" if before.allowance else "")
+            return f"account {account.name} is in no group{expires}"
+        if before.group == group.name:
+            return f"account {account.name} is already in group {group.name}: nothing changed"
+        starts = (f"; its allowance of {allowance_text(group)} starts within a second (the running server grants "
+                  "it; a stopped one at its start)" if group.allowance else "")
+        return f"account {account.name} moved to group {group.name}{starts}"
+
+    emit(args, account_dict(account, config), text)
 
 
 def limit_arg(text: str | None) -> int | None | str:
@@ -161,14 +261,31 @@ async def accounts_set_limits(store: Store, config: Config, args: argparse.Names
     if not changes:
         raise CliError("give at least one of --rpm, --tpm, --concurrency", 2)
     account = await store.update_account(args.name, **changes)
-    emit(args, account_dict(account), lambda: f"limits of {account.name}: " + ", ".join(
-        f"{k}={'default' if v is None else v}" for k, v in account_dict(account)["limits"].items()))
+    data = account_dict(account, config)
+    emit(args, data, lambda: f"limits of {account.name}: " + ", ".join(
+        f"{k}={'default' if v is None else v}" for k, v in data["limits"].items()))
+
+
+async def check_max_keys(store: Store, config: Config, account_name: str, now: float) -> None:
+    """Refuse a key beyond the ``max_keys`` of the account's group (counting keys neither revoked nor expired)."""
+    account = await store.account(account_name)
+    group = config.group(account.group)
+    if group is None or group.max_keys is None:
+        return
+    active = [k for k, _ in await store.keys(account_name)
+              if k.revoked_at is None and (k.expires_at is None or k.expires_at > now)]
+    if len(active) >= group.max_keys:
+        raise CliError(f"account {account_name} already holds {len(active)} active keys, the most its group "
+                       f"{group.name} allows (max_keys: {group.max_keys}): revoke one first (lumen-proxy keys list "
+                       f"{account_name}, then lumen-proxy keys revoke ID)")
 
 
 async def keys_create(store: Store, config: Config, args: argparse.Namespace) -> None:
     expires = parse_date(args.expires) if args.expires else None
-    if expires is not None and expires <= datetime.now(UTC).timestamp():
+    now = datetime.now(UTC).timestamp()
+    if expires is not None and expires <= now:
         raise CliError(f"--expires {args.expires} is in the past", 2)
+    await check_max_keys(store, config, args.account, now)
     key, row = await store.create_key(args.account, args.label, expires)
     if args.json:
         print(json.dumps({**key_dict(row, args.account), "key": key}, indent=2))
@@ -198,11 +315,20 @@ async def keys_revoke(store: Store, config: Config, args: argparse.Namespace) ->
 
 
 async def coins_add(store: Store, config: Config, args: argparse.Namespace) -> None:
+    if (args.account is None) == (args.group is None):
+        raise CliError("give an ACCOUNT, or --group GROUP for every account of a group (not both)", 2)
     amount = parse_coins(args.amount)
+    verb = "added" if amount >= 0 else "deducted"
+    if args.group is not None:
+        await check_group_name(store, config, args.group)
+        count = await store.add_coins_to_group(args.group, amount, args.note or f"group {args.group}")
+        emit(args, {"group": args.group, "accounts": count, "amount": coins_number(amount)},
+             lambda: f"{verb} {coins_text(abs(amount))} coins {'to' if amount >= 0 else 'from'} each account "
+                     f"of group {args.group} ({count} accounts)")
+        return
     account = await store.add_coins(args.account, amount, args.note)
-    emit(args, account_dict(account),
-         lambda: f"{'added' if amount >= 0 else 'deducted'} {coins_text(abs(amount))} coins: "
-                 f"{account.name} now has {coins_text(account.balance)}")
+    emit(args, account_dict(account, config),
+         lambda: f"{verb} {coins_text(abs(amount))} coins: {account.name} now has {coins_text(account.balance)}")
 
 
 async def usage_report(store: Store, config: Config, args: argparse.Namespace) -> None:
@@ -235,6 +361,121 @@ async def usage_prune(store: Store, config: Config, args: argparse.Namespace) ->
                                             "(daily totals are kept)")
 
 
+# -- groups --------------------------------------------------------------------------------------------
+def group_dict(g: Group, config: Config, members: int) -> dict[str, Any]:
+    allowance = g.allowance
+    return {"name": g.name, "default": g.name == config.default_group, "members": members,
+            "models": list(g.models) if g.models is not None else "all",
+            "limits": {"rpm": g.limits.rpm, "tpm": g.limits.tpm, "concurrency": g.limits.concurrency},
+            "allowance": None if allowance is None else {"coins": coins_number(allowance.coins),
+                                                         "every": allowance.every},
+            "max_keys": g.max_keys}
+
+
+def limits_text(limits: dict[str, int | None]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None) or "defaults"
+
+
+def models_text(models: Any) -> str:
+    return ", ".join(models) if isinstance(models, list) else str(models)
+
+
+async def groups_list(store: Store, config: Config, args: argparse.Namespace) -> None:
+    counts: dict[str | None, int] = {}
+    for account in await store.accounts():
+        counts[account.group] = counts.get(account.group, 0) + 1
+    data = [group_dict(g, config, counts.get(g.name, 0)) for g in config.groups]
+
+    def text() -> str:
+        if not data:
+            return f"{config.source} defines no groups"
+        lines = [f"{'NAME':16} {'MEMBERS':>8} {'ALLOWANCE':24} {'MAX KEYS':>8}  {'LIMITS':36} MODELS"]
+        for g, d in zip(config.groups, data, strict=True):
+            name = g.name + (" *" if d["default"] else "")
+            lines.append(f"{name:16} {d['members']:>8} {allowance_text(g) or '-':24} {g.max_keys or '-':>8}  "
+                         f"{limits_text(d['limits']):36} {models_text(d['models'])}")
+        if config.default_group:
+            lines.append(f"* default_group: new accounts join {config.default_group}")
+        return "\n".join(lines)
+
+    emit(args, data, text)
+
+
+async def groups_show(store: Store, config: Config, args: argparse.Namespace) -> None:
+    group = group_arg(config, args.name)
+    members = await store.accounts(group.name)
+    now, zone = time.time(), config.timezone
+    every = group.allowance.every if group.allowance else "month"
+    start, end = periods.period_start(now, every, zone), periods.next_start(now, every, zone)
+    # The daily totals are by UTC day: "this period" reads from the UTC day its start falls on.
+    since = utc_day(start)
+    names = {a.name for a in members}
+    usage = [r for r in await store.usage_report(None, since=since, by="account") if r["account"] in names]
+    cost, requests = sum(r["cost"] for r in usage), sum(r["requests"] for r in usage)
+    data = {**group_dict(group, config, len(members)),
+            "period": {"every": every, "start": periods.iso(start, zone), "end": periods.iso(end, zone)},
+            "usage": {"since": since, "requests": requests, "cost": coins_number(cost)},
+            "accounts": [{"name": a.name, "coins": coins_number(a.balance), "enabled": a.enabled,
+                          **({"allowance_left": coins_number(a.allowance),
+                              "allowance_granted": refill_of(a, config, now, 0) is None} if group.allowance else {})}
+                         for a in members]}
+
+    def text() -> str:
+        lines = [f"group      {group.name}{' (default_group: new accounts join it)' if data['default'] else ''}",
+                 f"members    {len(members)}", f"models     {models_text(data['models'])}",
+                 f"limits     {limits_text(data['limits'])}", f"allowance  {allowance_text(group) or 'none'}",
+                 f"max_keys   {group.max_keys or 'no limit'}",
+                 f"period     {periods.describe(start, zone)} to {periods.describe(end, zone)}",
+                 f"usage      {coins_text(cost)} coins in {requests} requests (daily totals since {since}, UTC days)"]
+        if members:
+            lines += ["", accounts_table(members, config, now)]
+        return "\n".join(lines)
+
+    emit(args, data, text)
+
+
+# -- accounts import -----------------------------------------------------------------------------------
+def change_text(row: ImportRow, before: AccountRow | None) -> str:
+    group = row.group or "no group"
+    if before is None:
+        models = f", models {','.join(row.models)}" if row.models is not None else ""
+        return f"create {row.name} in {group} with {coins_text(row.coins or 0)} coins{models}"
+    changes = []
+    if row.group != before.group:
+        changes.append(f"group {before.group or 'none'} -> {row.group or 'none'}")
+    if row.models is not None and tuple(sorted(set(row.models))) != before.models:
+        changes.append(f"models {','.join(before.models) if before.models is not None else 'all'} -> "
+                       f"{','.join(sorted(set(row.models)))}")
+    return f"change {row.name}: {'; '.join(changes)}"
+
+
+async def accounts_import(store: Store, config: Config, args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    text = import_text(args.file)
+    try:
+        rows, problems = parse_import(text, config)
+    except CliError as exc:  # no header: "LINE: problem"
+        raise CliError(f"{args.file}:{exc}", exc.code) from None
+    if problems:
+        for line, problem in problems:
+            print(f"lumen-proxy: {args.file}:{line}: {problem}", file=sys.stderr)
+        raise CliError(f"{args.file}: {len(problems)} bad line(s), nothing imported", 2)
+    before = {a.name: a for a in await store.accounts()} if args.dry_run and not args.json else {}
+    plan = await store.import_accounts(rows, dry_run=args.dry_run)
+    created, changed, unchanged = (len(plan[k]) for k in ("created", "changed", "unchanged"))
+
+    def summary() -> str:
+        if not args.dry_run:
+            return (f"{args.file}: {created} created, {changed} changed, {unchanged} unchanged "
+                    f"({time.monotonic() - started:.1f} s)")
+        todo = set(plan["created"]) | set(plan["changed"])
+        lines = [change_text(r, before.get(r.name)) for r in rows if r.name in todo]
+        return "\n".join([*lines, f"dry run, nothing written: {created} to create, {changed} to change, "
+                                   f"{unchanged} unchanged"])
+
+    emit(args, {"dry_run": args.dry_run, **plan}, summary)
+
+
 def check_config(args: argparse.Namespace) -> int:
     config = load(args)
     summary = {"config": config.source, "models": [m.name for m in config.models],
@@ -242,6 +483,30 @@ def check_config(args: argparse.Namespace) -> int:
     emit(args, summary, lambda: f"{config.source}: ok ({len(config.models)} models: "
                                 f"{', '.join(summary['models'])}; database {config.database})")
     return 0
+
+
+IMPORT_HELP = f"""\
+Create the accounts of a CSV file that do not exist, and bring those that do to the group (and
+models) it gives, in one transaction. Every line is checked first: if any is bad, every bad line
+is printed with its number and nothing is imported. Running it again changes nothing.
+
+The file: UTF-8 (a byte-order mark is fine), CRLF or LF line endings. Line 1 is the header, with
+the columns name and group and optionally coins and models, in any order (no other):
+
+  name,group,coins,models
+  alice,students,,
+  bob,staff,25,gpt-4o;text-embedding-3-small
+  "carol",,10,
+
+  name    {NAME_RULE}
+  group   a group of the config; empty: default_group (no group if the config has none)
+  coins   starting coins of a new account (default 0); an existing account's balance is left alone
+  models  model names separated by ; or spaces; empty: a new account uses its group's (else all),
+          an existing account keeps its own
+
+--dry-run prints what would be created or changed and writes nothing; --json prints the plan
+({{"created": [...], "changed": [...], "unchanged": [...]}}).
+"""
 
 
 # -- plumbing ------------------------------------------------------------------------------------------
@@ -296,16 +561,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     accounts = sub.add_parser("accounts", help="create and manage accounts").add_subparsers(
         dest="action", metavar="ACTION", required=True)
-    p = accounts.add_parser("add", parents=[common, as_json], help="create an account")
+    p = accounts.add_parser("add", parents=[common, as_json], help="create an account",
+                            description=f"Create an account. NAME: {NAME_RULE}. It joins --group, else the "
+                                        "config's default_group (if any), whose models, limits and allowance "
+                                        "it gets; --coins are its own balance, spent after the allowance.")
     p.add_argument("name")
-    p.add_argument("--coins", default="0", help="starting coins (default 0)")
-    p.add_argument("--models", help="comma-separated model names it may use (default: all)")
+    p.add_argument("--coins", default="0", help="starting coins (default 0), kept until spent")
+    p.add_argument("--models", help="comma-separated model names it may use (default: its group's, else all)")
+    p.add_argument("--group", metavar="GROUP", help="a group of the config (default: default_group)")
     p.set_defaults(run=accounts_add)
-    p = accounts.add_parser("show", parents=[common, as_json], help="show an account, its balance and keys")
+    p = accounts.add_parser("show", parents=[common, as_json],
+                            help="show an account: group, allowance, balance and keys",
+                            description="Show an account: its group, what is left of its allowance and when it "
+                                        "refills (next period start, in the config's timezone), its balance "
+                                        "(coins), models, limits and keys.")
     p.add_argument("name")
     p.set_defaults(run=accounts_show)
-    p = accounts.add_parser("list", parents=[common, as_json], help="list accounts")
+    p = accounts.add_parser("list", parents=[common, as_json], help="list accounts (with group and allowance left)")
+    p.add_argument("--group", metavar="GROUP", help="only the accounts of this group")
     p.set_defaults(run=accounts_list)
+    p = accounts.add_parser("set-group", parents=[common, as_json], help="move an account to a group, or out of it",
+                            description="Move an account to GROUP (a group of the config), or out of its group "
+                                        "with --none. The new group's allowance replaces what is left of the old "
+                                        "one: the running server grants it within a second. The account's own "
+                                        "models and limits (set-models, set-limits) still override the group's.")
+    p.add_argument("name")
+    p.add_argument("group", nargs="?", metavar="GROUP")
+    p.add_argument("--none", action="store_true", help="take the account out of its group")
+    p.set_defaults(run=accounts_set_group)
+    p = accounts.add_parser(
+        "import", parents=[common, as_json], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="create or update many accounts from a CSV file, all or nothing",
+        description=IMPORT_HELP)
+    p.add_argument("file", metavar="FILE.csv")
+    p.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    p.set_defaults(run=accounts_import)
     for action, enabled in (("enable", True), ("disable", False)):
         p = accounts.add_parser(action, parents=[common, as_json], help=f"{action} an account (keys kept)")
         p.add_argument("name")
@@ -327,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("create", parents=[common, as_json],
                         help="create a key; prints it alone on stdout, once (only its hash is stored)",
                         description="Create an API key for ACCOUNT. The key is printed alone on stdout, once: "
-                                    "only its hash is stored, so it cannot be shown again.")
+                                    "only its hash is stored, so it cannot be shown again. If the account's "
+                                    "group has max_keys, an account holding that many active keys (neither "
+                                    "revoked nor expired) is refused one more: revoke one first.")
     p.add_argument("account")
     p.add_argument("--label", help="a note, e.g. the laptop or script it is for")
     p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (00:00 UTC) or ISO time after which it fails")
@@ -341,11 +633,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     coins = sub.add_parser("coins", help="add or deduct coins").add_subparsers(
         dest="action", metavar="ACTION", required=True)
-    p = coins.add_parser("add", parents=[common, as_json], help="add coins (negative to deduct); kept in a ledger")
-    p.add_argument("account")
-    p.add_argument("amount")
-    p.add_argument("--note", help="why (kept in the ledger)")
+    p = coins.add_parser("add", parents=[common, as_json],
+                         help="add coins to an account or a whole group (negative to deduct); kept in a ledger",
+                         description="Add AMOUNT coins (negative to deduct) to the balance of ACCOUNT, or with "
+                                     "--group GROUP to every account of that group, in one transaction. The "
+                                     "balance is kept until spent, unlike a group's allowance.")
+    p.add_argument("account", nargs="?", metavar="ACCOUNT")
+    p.add_argument("amount", metavar="AMOUNT")
+    p.add_argument("--group", metavar="GROUP", help="every account of this group instead of one ACCOUNT")
+    p.add_argument("--note", help="why (kept in the ledger; default for --group: 'group GROUP')")
     p.set_defaults(run=coins_add)
+
+    groups = sub.add_parser("groups", help="the config's groups, their members and usage").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    p = groups.add_parser("list", parents=[common, as_json], help="list the groups of the config",
+                          description="The groups of the config: members, models, limits, allowance, max_keys "
+                                      "(* marks default_group). Groups are defined in the config file; accounts "
+                                      "join them with accounts add --group, set-group or import.")
+    p.set_defaults(run=groups_list)
+    p = groups.add_parser("show", parents=[common, as_json], help="show a group, its members and its usage",
+                          description="A group's settings, its members (allowance left, balance) and the usage "
+                                      "of its accounts this period (the allowance's period, else the month; "
+                                      "from the daily totals, which count UTC days).")
+    p.add_argument("name", metavar="GROUP")
+    p.set_defaults(run=groups_show)
 
     usage = sub.add_parser("usage", parents=[common, as_json],
                            help="usage report (or: usage prune --before DATE)",

@@ -217,6 +217,14 @@ class Config:
     def model(self, name: str) -> Model | None:
         return self.by_name.get(name)
 
+    def models_allowed(self, own: tuple[str, ...] | None, group: str | None) -> tuple[str, ...] | None:
+        """The one access rule: an account's own list (``accounts set-models``), else its group's, else
+        None (every model). The server's 403 and /v1/models and the CLI's listings all use it."""
+        if own is not None:
+            return own
+        found = self.group(group)
+        return found.models if found is not None else None
+
     def group(self, name: str | None) -> Group | None:
         """The group ``name``, or None (no group, or one the config no longer has)."""
         return self._groups.get(name) if name is not None else None
