@@ -33,6 +33,7 @@ from .store import (
     StorageFailure,
     Store,
     StoreError,
+    TooManyKeys,
     parse_utc,
     store_for,
     utc_day,
@@ -266,27 +267,19 @@ async def accounts_set_limits(store: Store, config: Config, args: argparse.Names
         f"{k}={'default' if v is None else v}" for k, v in data["limits"].items()))
 
 
-async def check_max_keys(store: Store, config: Config, account_name: str, now: float) -> None:
-    """Refuse a key beyond the ``max_keys`` of the account's group (counting keys neither revoked nor expired)."""
-    account = await store.account(account_name)
-    group = config.group(account.group)
-    if group is None or group.max_keys is None:
-        return
-    active = [k for k, _ in await store.keys(account_name)
-              if k.revoked_at is None and (k.expires_at is None or k.expires_at > now)]
-    if len(active) >= group.max_keys:
-        raise CliError(f"account {account_name} already holds {len(active)} active keys, the most its group "
-                       f"{group.name} allows (max_keys: {group.max_keys}): revoke one first (lumen-proxy keys list "
-                       f"{account_name}, then lumen-proxy keys revoke ID)")
-
-
 async def keys_create(store: Store, config: Config, args: argparse.Namespace) -> None:
     expires = parse_date(args.expires) if args.expires else None
     now = datetime.now(UTC).timestamp()
     if expires is not None and expires <= now:
         raise CliError(f"--expires {args.expires} is in the past", 2)
-    await check_max_keys(store, config, args.account, now)
-    key, row = await store.create_key(args.account, args.label, expires)
+    group = config.group((await store.account(args.account)).group)
+    limit = group.max_keys if group is not None else None
+    try:
+        key, row = await store.create_key(args.account, args.label, expires, now=now, max_active=limit)
+    except TooManyKeys as exc:
+        raise CliError(f"account {args.account} already holds {exc.active} active keys, the most its group "
+                       f"{group.name if group else ''} allows (max_keys: {limit}): revoke one first (lumen-proxy "
+                       f"keys list {args.account}, then lumen-proxy keys revoke ID)") from None
     if args.json:
         print(json.dumps({**key_dict(row, args.account), "key": key}, indent=2))
     else:

@@ -49,6 +49,7 @@ from .store import (
     StorageFailure,
     StoreDataError,
     StoreError,
+    TooManyKeys,
     UsageBatch,
     UsageRow,
 )
@@ -510,15 +511,21 @@ class SqliteStore:
 
     # -- keys --------------------------------------------------------------------------------------------
     @_translated
-    async def create_key(self, account_name: str, label: str | None = None,
-                         expires_at: float | None = None, *, now: float | None = None) -> tuple[str, KeyRow]:
+    async def create_key(self, account_name: str, label: str | None = None, expires_at: float | None = None,
+                         *, now: float | None = None, max_active: int | None = None) -> tuple[str, KeyRow]:
         account = await self.account(account_name)
         key = new_key()
         now = time.time() if now is None else now
-        await self._transaction([(
-            "INSERT INTO keys (account_id, hash, prefix, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (account.id, hash_key(key), visible_prefix(key), label, now, expires_at),
-        )])
+        async with self.transaction():
+            if max_active is not None:
+                active = int((await self._one(
+                    "SELECT count(*) FROM keys WHERE account_id = ? AND revoked_at IS NULL"
+                    " AND (expires_at IS NULL OR expires_at > ?)", (account.id, now)))[0])
+                if active >= max_active:
+                    raise TooManyKeys(active)
+            await self.conn.execute(
+                "INSERT INTO keys (account_id, hash, prefix, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (account.id, hash_key(key), visible_prefix(key), label, now, expires_at))
         row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE hash = ?", (hash_key(key),))
         return key, _key(row)
 

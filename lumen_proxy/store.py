@@ -63,6 +63,14 @@ class StorageFailure(StoreError):
         return f"cannot {doing} the database {self.where}: {self}"
 
 
+class TooManyKeys(StoreError):
+    """``create_key`` with ``max_active``: the account holds that many active keys already."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"the account holds {active} active keys already")
+        self.active = active
+
+
 class StoreDataError(StoreError):
     """A value in a usage batch cannot be stored: the same rows fail however often they are retried."""
 
@@ -339,9 +347,11 @@ class Store(Protocol):
         period is granted exactly once whoever asks. Returns those applied."""
         ...
 
-    async def create_key(self, account_name: str, label: str | None = None,
-                         expires_at: float | None = None, *, now: float | None = None) -> tuple[str, KeyRow]:
-        """A new key: returned once in full; only its hash is stored."""
+    async def create_key(self, account_name: str, label: str | None = None, expires_at: float | None = None,
+                         *, now: float | None = None, max_active: int | None = None) -> tuple[str, KeyRow]:
+        """A new key: returned once in full; only its hash is stored. With ``max_active``, refused
+        (:class:`TooManyKeys`) when the account already holds that many keys neither revoked nor expired,
+        checked and inserted in one transaction, so two creations at once cannot both pass."""
         ...
 
     async def find_key(self, key_or_id: str) -> KeyRow: ...

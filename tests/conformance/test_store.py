@@ -9,6 +9,7 @@ CLI have) and knows how its own migrations are recorded; the tests reach the dat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import sqlite3
@@ -25,6 +26,7 @@ from lumen_proxy.sqlite_store import SqliteStore
 from lumen_proxy.store import (
     INT64_MAX,
     NoSuchRecord,
+    Refill,
     ServerLocked,
     StorageFailure,
     Store,
@@ -314,3 +316,27 @@ async def test_the_start_check_commits_and_reports_read_committed_data(store: St
     assert await store.usage_rows("r1") == [] and len(await store.usage_rows("r2")) == 1
     assert [r["cost"] for r in await store.usage_report(alice, since="2026-01-01", by="model")] == [7]  # totals stay
 
+
+
+async def test_max_active_keys_hold_against_two_writers_at_once(store: Store, other: Store) -> None:
+    """Two admins (or a double-clicked portal button) creating the last allowed key at once: one wins."""
+    await store.add_account("alice", 0)
+    await store.create_key("alice", "old", expires_at=1.0, now=0.5)  # expired: does not count
+    results = await asyncio.gather(store.create_key("alice", "a", max_active=1),
+                                   other.create_key("alice", "b", max_active=1), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["TooManyKeys", "tuple"]
+    assert [k.label for k, _ in await store.keys("alice") if k.expires_at is None] in (["a"], ["b"])
+
+
+async def test_allowance_is_spent_before_the_balance_and_refilled_once(store: Store, other: Store) -> None:
+    account = await store.add_account("alice", 500, group="students")
+    key, row = await store.create_key("alice")
+    grant = Refill(account.id, DAY, 1_000, 0, "allowance")
+    assert await store.refill([grant]) == [grant]
+    assert await other.refill([grant]) == []  # the same period, from another writer: nothing twice
+    await store.write_usage([usage("r1", account.id, row.id, 1_200)])
+    alice = await store.account("alice")
+    assert (alice.allowance, alice.balance) == (0, 300)
+    later = Refill(account.id, DAY + 86400, 1_000, 0, "allowance 2")
+    assert await store.refill([later]) == [later]
+    assert (await store.account("alice")).allowance == 1_000
