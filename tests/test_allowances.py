@@ -288,3 +288,17 @@ async def test_100_concurrent_requests_across_midnight_never_spend_more_than_the
     assert row["balance"] >= 0 and row["allowance"] >= 0
     assert spent <= int(2.5 * MICRO)  # two days' allowance and the balance, at most
     assert not ledger_problems(proxy.rt.config.database)
+
+
+async def test_a_reload_changes_the_groups(grouped: Proxy, upstream: UpstreamServer, tmp_path: Path) -> None:
+    """Groups live in the YAML: a reload (SIGHUP applies the new config this way) changes what members get."""
+    key = await add(grouped, "jo")
+    raw = await grouped.sdk(key).chat.completions.with_raw_response.create(model="echo", messages=USER)
+    assert raw.headers["x-ratelimit-limit-requests"] == "20"
+    data = groups_config(tmp_path, upstream)
+    data["groups"][0]["limits"] = {"rpm": 5}
+    data["groups"][0]["models"] = ["echo"]
+    grouped.rt.apply(build_config(tmp_path, data))
+    raw = await grouped.sdk(key).chat.completions.with_raw_response.create(model="echo", messages=USER)
+    assert raw.headers["x-ratelimit-limit-requests"] == "5"
+    assert [m.id async for m in grouped.sdk(key).models.list()] == ["echo"]
