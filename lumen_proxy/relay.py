@@ -172,7 +172,13 @@ async def refuse_early(rt: Runtime, principal: Principal, request_id: str, bille
         raise RateLimited(admission.message, headers=admission.headers())
     account = principal.account
     if rt.allowances.is_due(account):  # a new account, or its period turned less than a second ago: the
-        await rt.allowances.refill(account.id)  # served from the allowance it is owed (one transaction for all)
+        try:                           # request is served from the allowance it is owed (one transaction)
+            await rt.allowances.refill(account.id)
+        except asyncio.CancelledError:  # the client left while waiting: its admission must not stay counted
+            admission.finish(0)
+            raise
+        except Exception as exc:  # the database cannot be written: served on what the account has
+            log.error("cannot refill allowances now (the periodic refill retries): %s", exc)
     if billed and rt.wallets.available(account.id) <= 0 and \
             not any(m.price == FREE for m in visible_models(rt.config, account)):
         admission.finish(0)
