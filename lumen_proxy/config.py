@@ -175,6 +175,7 @@ class ResponseIds:
 
     keep: int = 100_000
     hours: float = 720.0
+    per_account: int = 10_000  # no account's flood of responses can push out more than this of the others'
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,11 +338,13 @@ def _usage_backlog(r: _Reader, value: Any, path: str) -> UsageBacklog:
 
 
 def _response_ids(r: _Reader, value: Any, path: str) -> ResponseIds:
-    data = r.mapping(value, path, {"keep", "hours"})
+    data = r.mapping(value, path, {"keep", "hours", "per_account"})
     default = ResponseIds()
+    count = lambda v, p: int(r.number(v, p, minimum=1, integer=True))  # noqa: E731
     return ResponseIds(
-        keep=r.optional(data, "keep", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), default.keep),
+        keep=r.optional(data, "keep", path, count, default.keep),
         hours=r.optional(data, "hours", path, lambda v, p: float(r.number(v, p, minimum=0.001)), default.hours),
+        per_account=r.optional(data, "per_account", path, count, default.per_account),
     )
 
 

@@ -87,7 +87,9 @@ class Runtime:
         self.pool.timeouts = config.timeouts
         self.client.timeouts = config.timeouts
         self.usage.backlog = config.usage_backlog
-        self.responses.keep, self.responses.ttl = config.response_ids.keep, config.response_ids.hours * 3600
+        ids = config.response_ids
+        self.responses.keep, self.responses.ttl = ids.keep, ids.hours * 3600
+        self.responses.per_account = ids.per_account
 
     def backend_states(self) -> dict[tuple[str, str], bool]:
         return {(m.name, b.label): self.pool.state(b).up for m in self.config.models for b in m.backends}
@@ -171,7 +173,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             limiter=shared.limiter, pool=pool, client=HttpClient(config.timeouts),
             metrics=Metrics(),
             responses=ResponseOwners(keep=config.response_ids.keep, ttl=config.response_ids.hours * 3600,
-                                     clock=monotonic),
+                                     per_account=config.response_ids.per_account, clock=monotonic),
             allowances=Allowances(lambda: rt.config, lambda: view.accounts, wallets, store, writer_lock,
                                   view.reload_holding_lock, clock),
         )

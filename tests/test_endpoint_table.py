@@ -177,3 +177,19 @@ def test_config_takes_apis_cached_price_and_response_ids(tmp_path: Path) -> None
         data["models"][0]["backends"][0]["apis"] = bad
         with pytest.raises(ConfigError, match="apis"):
             build_config(tmp_path, data)
+
+
+def test_one_account_cannot_push_the_others_ids_out() -> None:
+    owners = ResponseOwners(keep=100, ttl=60, per_account=10, clock=lambda: 0.0)
+    backend = Backend(url="http://127.0.0.1:1/v1", model="m")
+    for i in range(5):
+        owners.remember(f"resp_victim{i}", 1, "gpt-4o", backend)
+    for i in range(10_000):  # a flood from another account
+        owners.remember(f"resp_flood{i}", 2, "gpt-4o", backend)
+    assert all(owners.owner(f"resp_victim{i}", 1) is not None for i in range(5))
+    assert len(owners) == 15 and owners.owner("resp_flood9999", 2) is not None
+    assert owners.owner("resp_flood0", 2) is None  # the flooder's own oldest went
+    owners.remember("resp_victim0", 2, "gpt-4o", backend)  # a backend that reuses an id: the last maker owns it
+    assert owners.owner("resp_victim0", 1) is None and owners.owner("resp_victim0", 2) is not None
+    owners.forget("resp_victim0")
+    assert owners.owner("resp_victim0", 2) is None and len(owners) == 13  # 4 + 9 of the flooder's
