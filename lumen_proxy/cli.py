@@ -400,14 +400,10 @@ async def groups_show(store: Store, config: Config, args: argparse.Namespace) ->
     now, zone = time.time(), config.timezone
     every = group.allowance.every if group.allowance else "month"
     start, end = periods.period_start(now, every, zone), periods.next_start(now, every, zone)
-    # The daily totals are by UTC day: "this period" reads from the UTC day its start falls on.
-    since = utc_day(start)
-    names = {a.name for a in members}
-    usage = [r for r in await store.usage_report(None, since=since, by="account") if r["account"] in names]
-    cost, requests = sum(r["cost"] for r in usage), sum(r["requests"] for r in usage)
+    requests, cost = await store.group_usage(group.name, start)
     data = {**group_dict(group, config, len(members)),
             "period": {"every": every, "start": periods.iso(start, zone), "end": periods.iso(end, zone)},
-            "usage": {"since": since, "requests": requests, "cost": coins_number(cost)},
+            "usage": {"since": periods.iso(start, zone), "requests": requests, "cost": coins_number(cost)},
             "accounts": [{"name": a.name, "coins": coins_number(a.balance), "enabled": a.enabled,
                           **({"allowance_left": coins_number(a.allowance),
                               "allowance_granted": refill_of(a, config, now, 0) is None} if group.allowance else {})}
@@ -419,7 +415,7 @@ async def groups_show(store: Store, config: Config, args: argparse.Namespace) ->
                  f"limits     {limits_text(data['limits'])}", f"allowance  {allowance_text(group) or 'none'}",
                  f"max_keys   {group.max_keys or 'no limit'}",
                  f"period     {periods.describe(start, zone)} to {periods.describe(end, zone)}",
-                 f"usage      {coins_text(cost)} coins in {requests} requests (daily totals since {since}, UTC days)"]
+                 f"usage      {coins_text(cost)} coins in {requests} requests this period"]
         if members:
             lines += ["", accounts_table(members, config, now)]
         return "\n".join(lines)
@@ -646,8 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=groups_list)
     p = groups.add_parser("show", parents=[common, as_json], help="show a group, its members and its usage",
                           description="A group's settings, its members (allowance left, balance) and the usage "
-                                      "of its accounts this period (the allowance's period, else the month; "
-                                      "from the daily totals, which count UTC days).")
+                                      "of its accounts this period (the allowance's period, else the month).")
     p.add_argument("name", metavar="GROUP")
     p.set_defaults(run=groups_show)
 

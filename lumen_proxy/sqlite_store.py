@@ -52,6 +52,8 @@ from .store import (
     TooManyKeys,
     UsageBatch,
     UsageRow,
+    parse_utc,
+    utc_day,
 )
 
 F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -485,6 +487,23 @@ class SqliteStore:
                         f"UPDATE accounts SET {', '.join(f'{c} = ?' for c, _ in changes)} WHERE id = ?",
                         (*(v for _, v in changes), account.id))
         return plan
+
+    @_translated
+    async def group_usage(self, group: str, since: float) -> tuple[int, int]:
+        next_day = utc_day(since + 86400) if since % 86400 else utc_day(since)
+        day_start = parse_utc(next_day)
+        async with self._reading() as conn:
+            async with conn.execute(
+                    "SELECT count(*), coalesce(sum(u.cost), 0) FROM usage u JOIN accounts a ON a.id = u.account_id"
+                    " WHERE a.group_name = ? AND u.time >= ? AND u.time < ?", (group, since, day_start)) as cur:
+                part = await cur.fetchone()
+            async with conn.execute(
+                    "SELECT coalesce(sum(d.requests), 0), coalesce(sum(d.cost), 0) FROM usage_daily d"
+                    " JOIN accounts a ON a.id = d.account_id WHERE a.group_name = ? AND d.day >= ?",
+                    (group, next_day)) as cur:
+                days = await cur.fetchone()
+        assert part is not None and days is not None
+        return int(part[0]) + int(days[0]), int(part[1]) + int(days[1])
 
     @_translated
     async def refill(self, refills: Sequence[Refill], *, now: float | None = None) -> list[Refill]:

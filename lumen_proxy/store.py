@@ -341,6 +341,11 @@ class Store(Protocol):
         it changes nothing. ``dry_run``: the same answer, nothing written."""
         ...
 
+    async def group_usage(self, group: str, since: float) -> tuple[int, int]:
+        """(requests, cost) of the accounts of ``group`` since the instant ``since``: whole UTC days from
+        the daily totals, the part of the first day from the raw log (exact while its rows are kept)."""
+        ...
+
     async def refill(self, refills: Sequence[Refill], *, now: float | None = None) -> list[Refill]:
         """Give each account its new period's allowance, in one transaction, with its ledger rows (the grant,
         and what expired unspent); each applies only if the account's period is older than ``start``, so a

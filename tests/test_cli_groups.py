@@ -20,7 +20,7 @@ import pytest
 
 from lumen_proxy.periods import next_start, period_start
 from lumen_proxy.sqlite_store import SqliteStore
-from lumen_proxy.store import UsageRow, utc_day
+from lumen_proxy.store import UsageRow
 from tests.conftest import (
     MakeProxy,
     admin,
@@ -313,11 +313,16 @@ async def test_groups_list_and_show(config_file: Path, database: Path, tmp_path:
     store = await SqliteStore.open(database)
     try:
         now = time.time()
+        start = period_start(now, "month", BERLIN)
         ids = {a.name: a.id for a in await store.accounts()}
         await store.write_usage([
             UsageRow("r1", now, ids["user0001"], 1, "echo", "/v1/chat/completions", 200, cost=1_250_000),
             UsageRow("r2", now, ids["user0002"], 2, "echo", "/v1/chat/completions", 200, cost=250_000),
             UsageRow("r3", now, ids["user0005"], 3, "echo", "/v1/chat/completions", 200, cost=9_000_000),
+            # A minute either side of the period's start (23:00 UTC in Berlin: the same UTC day): only
+            # the one after it is this period's.
+            UsageRow("r4", start - 60, ids["user0001"], 1, "echo", "/v1/chat/completions", 200, cost=7_000_000),
+            UsageRow("r5", start + 60, ids["user0001"], 1, "echo", "/v1/chat/completions", 200, cost=500_000),
         ])
     finally:
         await store.close()
@@ -329,15 +334,15 @@ async def test_groups_list_and_show(config_file: Path, database: Path, tmp_path:
     assert "students *" in run(config_file, "groups", "list")
 
     shown = run_json(config_file, "groups", "show", "students")
-    assert shown["usage"] == {"since": utc_day(period_start(now, "month", BERLIN)), "requests": 2, "cost": 1.5}
+    assert shown["usage"] == {"since": datetime.fromtimestamp(start, BERLIN).isoformat(), "requests": 3, "cost": 2}
     assert shown["members"] == 8 and len(shown["accounts"]) == 8
-    assert shown["accounts"][0] == {"name": "user0001", "coins": -0.25, "enabled": True, "allowance_left": 0,
+    assert shown["accounts"][0] == {"name": "user0001", "coins": -7.75, "enabled": True, "allowance_left": 0,
                                     "allowance_granted": False}
     assert shown["period"]["every"] == "month"
     staff = run_json(config_file, "groups", "show", "staff")
     assert (staff["usage"]["cost"], [a["name"] for a in staff["accounts"]]) == (9, ["user0000", "user0005"])
     text = run(config_file, "groups", "show", "students")
-    assert "usage      1.5 coins in 2 requests" in text and "user0009" in text
+    assert "usage      2 coins in 3 requests this period" in text and "user0009" in text
     assert "no group named 'teachers'" in refused(config_file, "groups", "show", "teachers")
 
 
