@@ -360,6 +360,23 @@ def test_check_validates_the_config_without_starting(tmp_path: Path) -> None:
     assert done.stdout.strip() == f"{good}: ok (1 models: echo; database {tmp_path / 'lumen.db'})"
     assert json.loads(cli("check", "--json", config=good).stdout)["models"] == ["echo"]
     assert not (tmp_path / "lumen.db").exists()  # nothing was started or created
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text(good.read_text() + "timezone: Europe/Berlin\ndefault_group: students\n"
+                       "groups: [{name: students, allowance: {coins: 100, every: month}}, {name: staff}]\n")
+    done = cli("check", config=grouped)
+    assert "2 groups: students (default), staff, periods in Europe/Berlin" in done.stdout
+    summary = json.loads(cli("check", "--json", config=grouped).stdout)
+    assert (summary["groups"], summary["default_group"], summary["timezone"]) == (
+        ["students", "staff"], "students", "Europe/Berlin")
+    for bad_groups, problem in [("timezone: Mars/Olympus\n", "unknown time zone"),
+                                ("default_group: nobody\n", "no group named 'nobody'"),
+                                ("groups: [{name: a, models: [gpt-9]}]\n", "no model named 'gpt-9'"),
+                                ("groups: [{name: a, allowance: {coins: 1, every: year}}]\n", "must be one of day"),
+                                ("groups: [{name: a}, {name: a}]\n", "duplicate group name")]:
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(good.read_text() + bad_groups)
+        done = cli("check", config=wrong)
+        assert done.returncode == 2 and problem in done.stderr, (bad_groups, done.stderr)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("database: lumen.db\nmodels:\n  - name: echo\n    backend: [{url: 'builtin:echo'}]\n")
