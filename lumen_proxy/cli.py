@@ -468,13 +468,14 @@ async def accounts_import(store: Store, config: Config, args: argparse.Namespace
 def check_config(args: argparse.Namespace) -> int:
     config = load(args)
     groups = [g.name + (" (default)" if g.name == config.default_group else "") for g in config.groups]
-    summary = {"config": config.source, "models": [m.name for m in config.models],
+    models = [m.name for m in config.models]
+    summary = {"config": config.source, "models": models,
                "groups": [g.name for g in config.groups], "default_group": config.default_group,
                "timezone": config.timezone.key, "database": str(config.database),
                "listen": f"{config.host}:{config.port}"}
     in_groups = f"; {len(groups)} groups: {', '.join(groups)}, periods in {config.timezone.key}" if groups else ""
     emit(args, summary, lambda: f"{config.source}: ok ({len(config.models)} models: "
-                                f"{', '.join(summary['models'])}{in_groups}; database {config.database})")
+                                f"{', '.join(models)}{in_groups}; database {config.database})")
     return 0
 
 
