@@ -22,7 +22,7 @@ from datetime import datetime
 
 from .billing import Coins
 from .config import Allowance, Config
-from .periods import describe, next_start, period_start
+from .periods import next_start, period_start
 from .store import AccountRow, Refill, Store
 
 log = logging.getLogger("lumen_proxy")
@@ -40,6 +40,11 @@ def period_label(start: float, allowance: Allowance, config: Config) -> str:
     return local.strftime("%Y-%m-%d")
 
 
+def owed(account: AccountRow, start: float) -> bool:
+    """Whether ``account`` has not been granted the period that began at ``start`` (or a later one)."""
+    return account.allowance_start is None or account.allowance_start < start
+
+
 def refill_of(account: AccountRow, config: Config, now: float, carry: int,
               starts: dict[str, float] | None = None) -> Refill | None:
     """The refill ``account`` is due at ``now``, or None. An account in no group with an allowance (or
@@ -51,18 +56,10 @@ def refill_of(account: AccountRow, config: Config, now: float, carry: int,
             return Refill(account.id, now, 0, carry, "")
         return None
     start = starts[group.name] if starts is not None else period_start(now, allowance.every, config.timezone)
-    if account.allowance_start is not None and account.allowance_start >= start:
+    if not owed(account, start):
         return None
     note = f"allowance {period_label(start, allowance, config)} ({account.group})"
     return Refill(account.id, start, allowance.coins, carry, note)
-
-
-def refills_at(account: AccountRow, config: Config, now: float) -> str | None:
-    """When the account's allowance next refills, as people read it; None without an allowance."""
-    group = config.group(account.group)
-    if group is None or group.allowance is None:
-        return None
-    return describe(next_start(now, group.allowance.every, config.timezone), config.timezone)
 
 
 class Allowances:
@@ -80,11 +77,9 @@ class Allowances:
     def _current(self, config: Config, now: float) -> dict[str, float]:
         """The current period start of every group with an allowance; recomputed when one turns."""
         if now >= self._turns_at or config is not self._for:
-            groups = [g for g in config.groups if g.allowance is not None]
-            self._starts = {g.name: period_start(now, g.allowance.every, config.timezone)
-                            for g in groups if g.allowance is not None}
-            self._turns_at = min((next_start(now, g.allowance.every, config.timezone)
-                                  for g in groups if g.allowance is not None), default=float("inf"))
+            every = {g.name: g.allowance.every for g in config.groups if g.allowance is not None}
+            self._starts = {name: period_start(now, e, config.timezone) for name, e in every.items()}
+            self._turns_at = min((next_start(now, e, config.timezone) for e in every.values()), default=float("inf"))
             self._for = config
         return self._starts
 
@@ -95,8 +90,7 @@ class Allowances:
         group = config.group(account.group)
         if group is None or group.allowance is None:
             return False
-        start = self._current(config, self.clock())[group.name]
-        return account.allowance_start is None or account.allowance_start < start
+        return owed(account, self._current(config, self.clock())[group.name])
 
     def due(self, now: float) -> list[Refill]:
         config = self.config()

@@ -24,7 +24,6 @@ import orjson
 from aiohttp import web
 
 from . import billing
-from .allowances import refills_at
 from .auth import Principal, account_limits, allowed_models, credentials, require_model, visible_models
 from .backends import BadAnswer, Upstream, connect, upstream_headers
 from .billing import to_coins
@@ -46,6 +45,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .owners import holder
+from .periods import describe, next_start
 from .ratelimit import Admission, LimitSpec, Refusal
 from .runtime import RUNTIME, Runtime
 from .sse import SseScanner, StreamTooLarge
@@ -72,8 +72,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     wall: float = field(default_factory=time.time)
     status: int = 0
-    backend: str | None = None  # its label
-    backend_used: Backend | None = None
+    backend: Backend | None = None  # the one that answered (or was last tried)
     usage: Any = None  # the backend's "usage" object, as sent: validated when billed
     response_id: str | None = None  # the id of a response the backend stores (Responses API)
     worst: WorstCase | None = None
@@ -189,9 +188,10 @@ async def refuse_early(rt: Runtime, principal: Principal, request_id: str, bille
 def no_coins(rt: Runtime, account: AccountRow) -> str:
     """The 402's message: what to do, and when the account's allowance refills if it has one."""
     group = rt.config.group(account.group)
-    when = refills_at(account, rt.config, rt.allowances.clock())
-    if group is None or group.allowance is None or when is None:
+    if group is None or group.allowance is None:
         return NO_COINS
+    zone = rt.config.timezone
+    when = describe(next_start(rt.allowances.clock(), group.allowance.every, zone), zone)
     return f"{NO_COINS} Your allowance of {to_coins(group.allowance.coins):g} coins refills on {when}."
 
 
@@ -297,20 +297,21 @@ def finish(rt: Runtime, call: Call, model: Model | None, hold: billing.Hold | No
         price_cost = 0
     if ticket is not None:
         ticket.finish(prompt + completion)
+    label = call.backend.label if call.backend is not None else None
     if capped:
         log.warning("request %s: the backend %s reported usage %s above what the request could produce; "
-                    "billed %d prompt + %d completion tokens", call.request_id, call.backend,
+                    "billed %d prompt + %d completion tokens", call.request_id, label,
                     _short(call.usage), prompt, completion)
     row = UsageRow(
         request_id=call.request_id, time=call.wall, account_id=call.principal.account.id,
         key_id=call.principal.key_id, model=call.model, endpoint=call.endpoint.path, status=call.status,
-        backend=call.backend, prompt_tokens=prompt, completion_tokens=completion, cost=price_cost,
+        backend=label, prompt_tokens=prompt, completion_tokens=completion, cost=price_cost,
         estimated=estimated, partial=call.partial, capped=capped, duration_ms=call.ms_since_start(),
         ttfb_ms=call.ms_since_start(call.first_byte_at) if call.first_byte_at else None,
         details=_details(call.usage),
     )
-    if call.response_id is not None and call.status == 200 and model is not None and call.backend_used is not None:
-        rt.responses.remember(call.response_id, call.principal.account.id, model.name, call.backend_used)
+    if call.response_id is not None and call.status == 200 and model is not None and call.backend is not None:
+        rt.responses.remember(call.response_id, call.principal.account.id, model.name, call.backend)
     rt.usage.record(row, call.principal.account.name, prompt=call.prompt)
     rt.metrics.request_done(row, call.principal.account.name)
 
@@ -363,7 +364,7 @@ async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, b
     async def dial(backend: Backend) -> Upstream:
         send, injected[backend.url] = upstream_body(body, endpoint, backend, worst)
         encoded = _encode(send)  # also for the built-in backend: what no HTTP backend could take, it refuses too
-        call.backend, call.backend_used = backend.label, backend
+        call.backend = backend
         call.upstream_at = time.perf_counter()
         if backend.is_builtin:
             return EchoUpstream(endpoint.upstream, send, rt.echo)
@@ -396,7 +397,7 @@ async def relay_whole(call: Call, upstream: Upstream, headers: dict[str, str], l
     data = await read_answer(upstream, limit, call.request_id)
     call.status = upstream.status
     if upstream.status == 200 and call.endpoint.billed:
-        answer = _answer_of(data)
+        answer = _answer_of(data, call.endpoint.remembers)
         call.usage = answer.get("usage")
         if call.endpoint.remembers and isinstance(answer.get("id"), str):
             call.response_id = answer["id"]
@@ -422,9 +423,10 @@ def answer_response(upstream: Upstream, headers: dict[str, str], data: bytes) ->
     return web.Response(status=upstream.status, body=data, headers=headers)
 
 
-def _answer_of(data: bytes) -> dict[str, Any]:
-    """A JSON answer's top-level object, for its ``usage`` (validated when billed) and ``id``; {} if none."""
-    if b'"usage"' not in data and b'"id"' not in data:
+def _answer_of(data: bytes, with_id: bool) -> dict[str, Any]:
+    """A JSON answer's top-level object, for its ``usage`` (validated when billed) and, ``with_id``, its
+    ``id``; {} when it holds neither, so an answer without them is never parsed."""
+    if b'"usage"' not in data and not (with_id and b'"id"' in data):
         return {}
     try:
         parsed = orjson.loads(data)
