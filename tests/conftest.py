@@ -139,6 +139,17 @@ async def proxy(make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path)
     return await make_proxy(build_config(tmp_path, config_dict(tmp_path, [upstream.base_url])))
 
 
+async def priced_proxy(make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path,
+                       price: dict[str, float]) -> Proxy:
+    """The usual test proxy with gpt-4o at ``price`` (coins per million: prompt, completion, cached_prompt),
+    and the account alice (1000 coins)."""
+    data = config_dict(tmp_path, [upstream.base_url])
+    data["models"][0]["price"] = price
+    proxy = await make_proxy(build_config(tmp_path, data))
+    await proxy.account("alice")
+    return proxy
+
+
 @pytest.fixture
 async def alice(proxy: Proxy) -> str:
     """A key of the account 'alice' (1000 coins, all models)."""

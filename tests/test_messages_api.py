@@ -19,7 +19,7 @@ import pytest
 
 from lumen_proxy.billing import cost
 from lumen_proxy.config import Price
-from tests.conftest import UPSTREAM_KEY, MakeProxy, Proxy, build_config, config_dict, eventually, query
+from tests.conftest import UPSTREAM_KEY, MakeProxy, Proxy, build_config, config_dict, eventually, priced_proxy, query
 from tests.fake_upstream import UpstreamServer
 
 MICRO = 1_000_000
@@ -32,11 +32,7 @@ PRICE = Price(prompt=3 * MICRO, completion=15 * MICRO, cached_prompt=MICRO * 3 /
 @pytest.fixture
 async def priced(make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path) -> Proxy:
     """gpt-4o priced like a Claude model with a cache discount."""
-    data = config_dict(tmp_path, [upstream.base_url])
-    data["models"][0]["price"] = {"prompt": 3, "completion": 15, "cached_prompt": 0.3}
-    proxy = await make_proxy(build_config(tmp_path, data))
-    await proxy.account("alice")
-    return proxy
+    return await priced_proxy(make_proxy, upstream, tmp_path, {"prompt": 3, "completion": 15, "cached_prompt": 0.3})
 
 
 def claude(proxy: Proxy, key: str, **kwargs: Any) -> anthropic.AsyncAnthropic:

@@ -25,7 +25,7 @@ from openai.types.responses import ResponseUsage
 
 from lumen_proxy.billing import cost, worst_cost
 from lumen_proxy.config import Price
-from tests.conftest import MakeProxy, Proxy, auth, build_config, config_dict, eventually, query
+from tests.conftest import MakeProxy, Proxy, auth, build_config, config_dict, eventually, priced_proxy, query
 from tests.fake_upstream import (
     RESPONSES_WEATHER_TOOL,
     TOOL_ARGUMENT_FRAGMENTS,
@@ -152,11 +152,7 @@ async def test_the_client_receives_the_backends_bytes(
 @pytest.fixture
 async def cached_proxy(make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path) -> Proxy:
     """gpt-4o with a cached_prompt price (half the prompt price), and alice."""
-    data = config_dict(tmp_path, [upstream.base_url])
-    data["models"][0]["price"] = {"prompt": 2.5, "completion": 10, "cached_prompt": 1.25}
-    proxy = await make_proxy(build_config(tmp_path, data))
-    await proxy.account("alice")
-    return proxy
+    return await priced_proxy(make_proxy, upstream, tmp_path, {"prompt": 2.5, "completion": 10, "cached_prompt": 1.25})
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
