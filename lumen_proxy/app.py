@@ -6,7 +6,6 @@ side by side.
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -19,17 +18,18 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .auth import account_limits, credentials, require_model, visible_models
+from .auth import credentials, require_model, visible_models
 from .billing import to_coins
 from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
 from .endpoints import ENDPOINTS, SERVED, error_shape
 from .errors import BadRequest, NotFound, StorageUnavailable, make_error_middleware
-from .periods import iso, next_start
+from .portal.routes import setup_portal
 from .relay import relay
 from .runtime import RUNTIME, Runtime, make_context
 from .stateful import follow_up
 from .store import StorageFailure, parse_utc, utc_day
+from .summary import account_summary
 
 log = logging.getLogger("lumen_proxy")
 
@@ -104,24 +104,7 @@ async def me(request: web.Request) -> web.Response:
     """A key holder's own account: balance, allowance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
     principal = await rt.view.identify(credentials(request.headers))
-    account = principal.account
-    allowance_left = rt.wallets.allowance_left(account.id)
-    group = rt.config.group(account.group)
-    allowance = None
-    if group is not None and group.allowance is not None:
-        resets = next_start(rt.allowances.clock(), group.allowance.every, rt.config.timezone)
-        allowance = {"coins": to_coins(group.allowance.coins), "left": to_coins(allowance_left),
-                     "every": group.allowance.every, "resets_at": iso(resets, rt.config.timezone)}
-    return _json({
-        "account": account.name,
-        "group": group.name if group is not None else None,
-        "coins": to_coins(rt.wallets.settled(account.id) - allowance_left),  # the persistent balance
-        "allowance": allowance,
-        "coins_held": to_coins(rt.wallets.held_by(account.id)),
-        "models": [m.name for m in visible_models(rt.config, account)],
-        "limits": dataclasses.asdict(account_limits(rt.config, account)),
-        "key_id": principal.key_id,
-    })
+    return _json({**account_summary(rt, principal.account), "key_id": principal.key_id})
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -175,5 +158,6 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/lumen/v1/me", me)
     app.router.add_get("/lumen/v1/usage", usage)
+    setup_portal(app)
     return app
 

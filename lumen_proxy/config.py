@@ -22,6 +22,7 @@ import yaml
 from yarl import URL
 
 from .periods import EVERY, Every
+from .portal.settings import Portal, parse_portal, parse_public_url
 from .ratelimit import LimitSpec
 
 MICRO = 1_000_000
@@ -202,6 +203,8 @@ class Config:
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ("*",)
     demo: bool = False
+    public_url: str | None = None  # the portal's address as people's browsers see it (links, Origin checks)
+    portal: Portal = Portal()
     by_name: Mapping[str, Model] = field(default_factory=dict, compare=False, repr=False)
     largest_body_bytes: int = field(init=False, compare=False, repr=False)
     """The largest body any model accepts; with ``body_overrides`` False, every model's limit."""
@@ -518,7 +521,7 @@ _TOP = {
     "listen", "database", "models", "limits", "timeouts", "circuit_breaker", "health_check_interval",
     "max_body_mb", "max_response_mb", "max_connections", "shutdown_grace", "admin_token", "log_prompts", "demo",
     "cors_origins",
-    "usage_backlog", "response_ids", "timezone", "groups", "default_group",
+    "usage_backlog", "response_ids", "timezone", "groups", "default_group", "public_url", "portal",
 }
 
 
@@ -578,6 +581,8 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
         cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),
         demo=r.optional(top, "demo", "", r.boolean, False),
+        public_url=r.optional(top, "public_url", "", lambda v, p: parse_public_url(r, v, p), None),
+        portal=r.optional(top, "portal", "", lambda v, p: parse_portal(r, v, p, [g.name for g in groups]), Portal()),
         by_name=by_name,
     )
 

@@ -124,6 +124,30 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX accounts_group ON accounts(group_name);
         """,
     ),
+    (
+        "m009_portal",
+        """
+        ALTER TABLE accounts ADD COLUMN email TEXT;   -- matched case-insensitively at sign-in; NULL = none
+        CREATE UNIQUE INDEX accounts_email ON accounts(lower(email)) WHERE email IS NOT NULL;
+        CREATE TABLE sessions (                       -- the portal's signed-in browsers
+            hash        TEXT PRIMARY KEY,             -- sha256 of the session id; the id is only in the cookie
+            account_id  INTEGER NOT NULL REFERENCES accounts(id),
+            csrf        TEXT NOT NULL,                -- the token every state-changing form must send back
+            method      TEXT NOT NULL,                -- how it signed in: oidc, header or link
+            created_at  REAL NOT NULL,
+            expires_at  REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX sessions_account ON sessions(account_id);
+        CREATE TABLE login_links (                    -- one-time sign-in links (lumen-proxy accounts login-link)
+            hash        TEXT PRIMARY KEY,             -- sha256 of the link's token
+            account_id  INTEGER NOT NULL REFERENCES accounts(id),
+            created_at  REAL NOT NULL,
+            expires_at  REAL NOT NULL,
+            used_at     REAL                          -- set once, by the sign-in that used it
+        ) WITHOUT ROWID;
+        CREATE INDEX usage_account_time ON usage(account_id, time);   -- the Usage page's recent requests
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

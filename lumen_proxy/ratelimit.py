@@ -60,7 +60,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 __all__ = [
     "CONCURRENCY_RETRY_AFTER",
@@ -98,6 +98,14 @@ class LimitSpec:
     def __post_init__(self) -> None:
         if min(self.rpm, self.tpm, self.concurrency) < 0:
             raise ValueError(f"limits must be >= 0, got {self}")
+
+
+class Window(NamedTuple):
+    """One subject's use of its sliding window."""
+
+    requests: int
+    tokens: int
+    in_flight: int
 
 
 class _Subject:
@@ -260,6 +268,14 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._subjects)
+
+    def window(self, name: str) -> Window:
+        """Requests and tokens in ``name``'s window, and its requests in flight (all 0 if unknown)."""
+        state = self._subjects.get(name)
+        if state is None:
+            return Window(0, 0, 0)
+        state.expire(self._clock() - self._window)
+        return Window(state.count, state.token_sum, state.in_flight)
 
     def admit(self, subjects: Sequence[tuple[str, LimitSpec]], tokens: int) -> Ticket | Refusal:
         """Record the request against every subject, or against none and say why not."""
@@ -510,6 +526,10 @@ class Limiter(Protocol[AdmissionT]):
         """Forget what no longer matters (idle subjects); never awaits."""
         ...
 
+    def window(self, name: str) -> Window:
+        """What subject ``name`` has used of its window now (the Usage page's live panel); never awaits."""
+        ...
+
 
 class MemoryLimiter:
     """The :class:`Limiter` of one process: :class:`RateLimiter`'s windows behind the async seam.
@@ -533,3 +553,6 @@ class MemoryLimiter:
 
     def sweep(self) -> int:
         return self.windows.sweep()
+
+    def window(self, name: str) -> Window:
+        return self.windows.window(name)

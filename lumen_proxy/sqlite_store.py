@@ -110,7 +110,7 @@ _ADD_DAILY = (
                 for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost"))
 )
 _ACCOUNT_COLS = ("id, name, models, enabled, created_at, balance, rpm, tpm, concurrency, group_name, allowance,"
-                 " allowance_start")
+                 " allowance_start, email")
 _KEY_COLS = "id, account_id, hash, prefix, label, created_at, last_used_at, expires_at, revoked_at"
 _IN_CHUNK = 500  # bound parameters per IN (...): SQLite's limit is 999 or more
 
@@ -118,7 +118,7 @@ _IN_CHUNK = 500  # bound parameters per IN (...): SQLite's limit is 999 or more
 def _account(row: Sequence[Any]) -> AccountRow:
     models = tuple(json.loads(row[2])) if row[2] is not None else None
     return AccountRow(row[0], row[1], models, bool(row[3]), row[4], row[5], row[6], row[7], row[8], row[9], row[10],
-                      row[11])
+                      row[11], row[12])
 
 
 def _key(row: Sequence[Any]) -> KeyRow:
@@ -335,7 +335,7 @@ class SqliteStore:
                 await self.conn.execute(sql, params)
 
     @contextlib.asynccontextmanager
-    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
         """The read-only connection (in WAL mode it sees the last commit, never a transaction in progress)."""
         async with self._reader_lock:
             if self._reader is None:
@@ -492,7 +492,7 @@ class SqliteStore:
     async def group_usage(self, group: str, since: float) -> tuple[int, int]:
         next_day = utc_day(since + 86400) if since % 86400 else utc_day(since)
         day_start = parse_utc(next_day)
-        async with self._reading() as conn:
+        async with self.reading() as conn:
             async with conn.execute(
                     "SELECT count(*), coalesce(sum(u.cost), 0) FROM usage u JOIN accounts a ON a.id = u.account_id"
                     " WHERE a.group_name = ? AND u.time >= ? AND u.time < ?", (group, since, day_start)) as cur:
@@ -629,7 +629,7 @@ class SqliteStore:
         if until:
             where.append("day <= ?")
             params.append(until)
-        async with self._reading() as conn:
+        async with self.reading() as conn:
             async with conn.execute(
                 f"SELECT {group}, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens), sum(cost)"
                 f" FROM usage_daily WHERE {' AND '.join(where)} GROUP BY {group} ORDER BY {group}",

@@ -90,6 +90,7 @@ class AccountRow:
     group: str | None = None
     allowance: int = 0  # micro-coins left of the current period's allowance (spent before the balance)
     allowance_start: float | None = None  # UTC start of the period it was granted for; None: never granted
+    email: str | None = None  # matched (case-insensitively) by the portal's sign-in
 
 
 @dataclass(frozen=True, slots=True)

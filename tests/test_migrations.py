@@ -23,7 +23,7 @@ from tests.fake_upstream import UpstreamServer
 
 COLUMNS = {
     "accounts": {"id", "name", "models", "enabled", "created_at", "balance", "rpm", "tpm", "concurrency",
-                 "group_name", "allowance", "allowance_start"},
+                 "group_name", "allowance", "allowance_start", "email"},
     "keys": {"id", "account_id", "hash", "prefix", "label", "created_at", "last_used_at", "expires_at",
              "revoked_at"},
     "ledger": {"id", "account_id", "time", "amount", "note"},
@@ -33,6 +33,8 @@ COLUMNS = {
     "usage_daily": {"day", "account_id", "model", "key_id", "requests", "errors", "prompt_tokens",
                     "completion_tokens", "cost"},
     "heartbeat": {"id", "pid", "time"},
+    "sessions": {"hash", "account_id", "csrf", "method", "created_at", "expires_at"},
+    "login_links": {"hash", "account_id", "created_at", "expires_at", "used_at"},
     "migrations": {"name", "applied_at"},
 }
 
@@ -82,7 +84,8 @@ async def test_empty_database_gets_the_whole_schema(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"keys_account", "ledger_account", "usage_time", "usage_request"} <= indexes
+    assert {"keys_account", "ledger_account", "usage_time", "usage_request", "usage_account_time",
+            "accounts_email", "sessions_account"} <= indexes
 
 
 async def test_reopening_a_current_database_changes_nothing(tmp_path: Path) -> None:
