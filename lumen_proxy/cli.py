@@ -19,13 +19,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from . import __version__, periods
 from .account_import import import_text, parse_import
 from .allowances import refill_of
-from .cli_input import NAME_RULE, CliError, coins_text, name_problem, parse_coins, unknown_group
+from .cli_input import EMAIL, NAME_RULE, CliError, coins_text, name_problem, parse_coins, shown, unknown_group
 from .config import Config, ConfigError, Group, find_config_path, load_config
+from .portal.records import PortalRecords
+from .sqlite_store import SqliteStore
 from .store import (
     AccountRow,
     ImportRow,
@@ -106,7 +108,7 @@ def limits_cell(a: AccountRow, config: Config) -> str:
 def account_dict(a: AccountRow, config: Config, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     models = models_of(a, config)
-    return {"id": a.id, "name": a.name, "group": a.group, "coins": coins_number(a.balance),
+    return {"id": a.id, "name": a.name, "email": a.email, "group": a.group, "coins": coins_number(a.balance),
             "allowance": allowance_dict(a, config, now), "enabled": a.enabled,
             "models": list(models) if models is not None else "all", "created": iso(a.created_at),
             "limits": {"rpm": a.rpm, "tpm": a.tpm, "concurrency": a.concurrency}}
@@ -285,6 +287,41 @@ async def keys_create(store: Store, config: Config, args: argparse.Namespace) ->
     else:
         print(key)
         print(f"key id {row.id} for account {args.account}: store it now, it is not shown again", file=sys.stderr)
+
+
+def portal_url(config: Config) -> str:
+    """Where people's browsers reach the portal: ``public_url``, else the listen address."""
+    if config.public_url:
+        return config.public_url
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://{host}:{config.port}" if ":" not in host else f"http://[{host}]:{config.port}"
+
+
+async def accounts_login_link(store: Store, config: Config, args: argparse.Namespace) -> None:
+    if not config.portal.login_links:
+        raise CliError(f"sign-in links are turned off (portal.login_links: false in {config.source})", 2)
+    if not 1 <= args.minutes <= 24 * 60:
+        raise CliError("--minutes must be between 1 and 1440", 2)
+    token, expires = await PortalRecords(cast(SqliteStore, store)).create_link(args.name, args.minutes)
+    url = f"{portal_url(config)}/login/link/{token}"
+    if args.json:
+        print(json.dumps({"account": args.name, "url": url, "expires_at": iso(expires)}, indent=2))
+        return
+    print(url)
+    where = "" if config.public_url else " (set public_url in the config to the address people's browsers use)"
+    print(f"sign-in link for {args.name}: valid once, until {iso(expires)}{where}", file=sys.stderr)
+
+
+async def accounts_set_email(store: Store, config: Config, args: argparse.Namespace) -> None:
+    email = None if args.none else args.email
+    if email is not None and not EMAIL.fullmatch(email):
+        raise CliError(f"{shown(email)} is not an email address", 2)
+    if email is not None:
+        owner = await PortalRecords(cast(SqliteStore, store)).find_account(email)
+        if owner is not None and owner.name != args.name:
+            raise CliError(f"the account {owner.name} already has the email {email} (or is named so)", 1)
+    account = await store.update_account(args.name, email=email)
+    emit(args, account_dict(account, config), lambda: f"account {account.name}: email {account.email or 'none'}")
 
 
 async def keys_list(store: Store, config: Config, args: argparse.Namespace) -> None:
@@ -590,6 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE.csv")
     p.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
     p.set_defaults(run=accounts_import)
+    p = accounts.add_parser("login-link", parents=[common, as_json], help="print a one-time portal sign-in link",
+                            description="Print a link that signs NAME in to the portal once, within --minutes "
+                                        "(default 15). Send it to the person; opening it shows a Sign in button. "
+                                        "The URL starts with public_url (else the listen address).")
+    p.add_argument("name")
+    p.add_argument("--minutes", type=float, default=15.0, help="how long the link is valid (default 15)")
+    p.set_defaults(run=accounts_login_link)
+    p = accounts.add_parser("set-email", parents=[common, as_json], help="set the email a portal sign-in matches",
+                            description="Set the email address of an account: an OpenID Connect sign-in whose "
+                                        "account claim (portal.oidc.account_claim) is this address signs in to "
+                                        "this account, whatever its name. --none removes it.")
+    p.add_argument("name")
+    p.add_argument("email", nargs="?")
+    p.add_argument("--none", action="store_true", help="remove the account's email")
+    p.set_defaults(run=accounts_set_email)
     for action, enabled in (("enable", True), ("disable", False)):
         p = accounts.add_parser(action, parents=[common, as_json], help=f"{action} an account (keys kept)")
         p.add_argument("name")

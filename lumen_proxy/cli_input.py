@@ -44,6 +44,7 @@ def shown(text: str, limit: int = 40) -> str:
     return repr(text[:limit] + "…") if len(text) > limit else repr(text)
 
 
+EMAIL = re.compile(r"[^@\s\x00-\x1f]{1,64}@[A-Za-z0-9.-]{1,253}")
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 NAME_RULE = "1 to 64 letters A-Z a-z, digits and . _ - @ +, starting with a letter or a digit"
 

@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from .runtime import RUNTIME
 
+API_PATHS = ("/v1/", "/lumen/v1/")
 EXPOSED = ", ".join((
     "x-request-id", "request-id", "Server-Timing", "Retry-After", "retry-after-ms",
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
@@ -25,8 +26,8 @@ def allowed_origin(request: web.Request) -> str | None:
     Read from the running config on each browser request, so a reload changes it.
     """
     origin = request.headers.get("Origin")
-    if origin is None:
-        return None
+    if origin is None or not request.path.startswith(API_PATHS):
+        return None  # the portal's pages and forms are same-origin only
     origins = request.app[RUNTIME].config.cors_origins
     if "*" in origins:
         return "*"

@@ -2,7 +2,7 @@
 
 The key is kept in ``demo.key`` (mode 600) beside the demo database, because only its hash is in
 the database. It is printed on start when stderr is a terminal; otherwise only the file's path is
-(keys never go to logs).
+(keys never go to logs). So is a one-time sign-in link to the portal.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
+from .portal.records import PortalRecords
 from .runtime import Runtime
+from .sqlite_store import SqliteStore
 from .store import NoSuchRecord
 
 log = logging.getLogger("lumen_proxy")
@@ -49,5 +52,12 @@ async def bootstrap_demo(rt: Runtime) -> None:
     lines.append(f'  curl http://{host}:{port}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
                  '-H "Content-Type: application/json" '
                  '-d \'{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}\'')
+    portal = f"http://{host}:{port}"
+    if sys.stderr.isatty():  # a sign-in link is a credential: a terminal's, never a journal's
+        token, _ = await PortalRecords(cast(SqliteStore, rt.store)).create_link(DEMO_ACCOUNT)
+        lines.append(f"Portal (API keys, usage): sign in once within 15 minutes at {portal}/login/link/{token}")
+    else:
+        lines.append(f"Portal (API keys, usage): {portal}/ ; a sign-in link: lumen-proxy accounts login-link "
+                     f"{DEMO_ACCOUNT}")
     for line in lines:
         log.warning(line)

@@ -419,7 +419,7 @@ class SqliteStore:
     @_translated
     async def update_account(self, name: str, **fields: Any) -> AccountRow:
         account = await self.account(name)
-        allowed = {"enabled", "models", "rpm", "tpm", "concurrency", "group"}
+        allowed = {"enabled", "models", "rpm", "tpm", "concurrency", "group", "email"}
         sets, params = [], []
         for column, value in fields.items():
             if column not in allowed:

@@ -306,7 +306,7 @@ def test_every_key_in_the_example_parses(monkeypatch: pytest.MonkeyPatch) -> Non
     assert config.database == EXAMPLE.parent / data["database"]
 
 
-FREE_FORM = ("models[].backends[].headers",)  # keys are the admin's (header names), not the parser's
+FREE_FORM = ("models[].backends[].headers", "portal.oidc.groups")  # keys are the admin's (header or group names)
 
 
 def _mappings(node: Any, path: str = "") -> list[tuple[str, str, dict[str, Any]]]:
