@@ -289,6 +289,9 @@ async def keys_create(store: Store, config: Config, args: argparse.Namespace) ->
         print(f"key id {row.id} for account {args.account}: store it now, it is not shown again", file=sys.stderr)
 
 
+SIGNIN_NAMES = {"oidc": "OpenID Connect", "header": "a trusted proxy header", "link": "sign-in links"}
+
+
 def portal_url(config: Config) -> str:
     """Where people's browsers reach the portal: ``public_url``, else the listen address."""
     if config.public_url:
@@ -509,10 +512,13 @@ def check_config(args: argparse.Namespace) -> int:
     summary = {"config": config.source, "models": models,
                "groups": [g.name for g in config.groups], "default_group": config.default_group,
                "timezone": config.timezone.key, "database": str(config.database),
-               "listen": f"{config.host}:{config.port}"}
+               "listen": f"{config.host}:{config.port}", "portal": portal_url(config),
+               "signin": list(config.portal.methods)}
     in_groups = f"; {len(groups)} groups: {', '.join(groups)}, periods in {config.timezone.key}" if groups else ""
+    signin = ", ".join(SIGNIN_NAMES[m] for m in config.portal.methods) or "no sign-in"
     emit(args, summary, lambda: f"{config.source}: ok ({len(config.models)} models: "
-                                f"{', '.join(models)}{in_groups}; database {config.database})")
+                                f"{', '.join(models)}{in_groups}; database {config.database}; "
+                                f"portal {portal_url(config)}/ with {signin})")
     return 0
 
 
