@@ -139,7 +139,10 @@ def same_origin(request: web.Request) -> bool:
     """The request comes from a page of the portal itself (``Origin``, else ``Referer``)."""
     claimed = request.headers.get("Origin")
     if claimed is None and request.headers.get("Referer"):
-        claimed = str(URL(request.headers["Referer"]).origin())
+        try:
+            claimed = str(URL(request.headers["Referer"]).origin())
+        except ValueError:  # a relative or malformed Referer names no origin
+            return False
     if not claimed or claimed == "null":
         return False
     configured = request.app[RUNTIME].config.public_url
@@ -169,6 +172,8 @@ async def viewer_of(request: web.Request) -> Viewer | None:
                                         group=None)
             if current is not None and sid is not None and current.account_id == account.id:
                 return _checked(rt, account, current, sid)
+            if sid is not None and current is not None:  # the proxy now names someone else: end the old session
+                await state.records.close_session(sid)
             new_sid, session = await state.records.open_session(account.id, "header", rt.config.portal.session_hours)
             return Viewer(account, session, new_sid, opened=True)
         log.warning("portal: ignored the %s header from %s (not a trusted proxy)", header.header,
@@ -221,7 +226,14 @@ async def _check_post(request: web.Request, viewer: Viewer) -> None:
 
 
 def next_path(value: str | None) -> str:
-    """A local path to go to after sign-in; anything else (another site, ``//host``) is the keys page."""
-    if value and value.startswith("/") and not value.startswith(("//", "/\\")) and "\n" not in value:
-        return value
-    return "/keys"
+    """A local path to go to after sign-in; anything else (another site, ``//host``, a control character
+    or backslash a browser would drop or turn into ``//``) is the keys page."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/keys"
+    if any(ord(c) < 0x21 or c == "\x7f" for c in value):
+        return "/keys"
+    try:
+        url = URL(value)
+    except ValueError:
+        return "/keys"
+    return value if not url.scheme and not url.host else "/keys"

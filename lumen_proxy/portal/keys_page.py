@@ -28,7 +28,7 @@ def _keys_context(request: web.Request, viewer: Viewer, rows: list[Any], **extra
     group = rt.config.group(viewer.account.group)
     now = time.time()
     active = [k for k in rows if k.revoked_at is None and (k.expires_at is None or k.expires_at > now)]
-    return {"viewer": viewer, "keys": rows, "active": len(active), "max_keys": group.max_keys if group else None,
+    return {"viewer": viewer, "keys": rows, "active_count": len(active), "max_keys": group.max_keys if group else None,
             "base_url": base_url(request) + "/v1", "expiry_days": EXPIRY_DAYS, "now": now,
             "models": [m.name for m in rt.config.models], **extra}
 
@@ -69,7 +69,8 @@ async def create_key(request: web.Request, viewer: Viewer) -> web.StreamResponse
 async def _own_key(request: web.Request, viewer: Viewer) -> Any:
     key_id = request.match_info["key_id"]
     try:
-        key = await request.app[RUNTIME].store.find_key(key_id) if key_id.isdigit() else None
+        is_id = key_id.isascii() and key_id.isdigit() and len(key_id) <= 18  # no ², nothing past 64 bits
+        key = await request.app[RUNTIME].store.find_key(key_id) if is_id else None
     except NoSuchRecord:
         key = None
     if key is None or key.account_id != viewer.account.id:  # someone else's key: as if it did not exist

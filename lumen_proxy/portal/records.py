@@ -125,8 +125,8 @@ class PortalRecords:
         if seen[0][0] is not None:
             return LinkUse(None, "This sign-in link was already used. Each link signs in once: "
                                  "ask your administrator for a new one.")
-        return LinkUse(None, "This sign-in link has expired. Links are valid for 15 minutes: "
-                             "ask your administrator for a new one.")
+        return LinkUse(None, "This sign-in link has expired (links are valid for a short time, 15 minutes "
+                             "unless your administrator chose otherwise): ask your administrator for a new one.")
 
     # -- accounts named by a sign-in ---------------------------------------------------------------------
     async def find_account(self, who: str) -> AccountRow | None:

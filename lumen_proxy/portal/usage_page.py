@@ -123,4 +123,6 @@ async def export(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 def _cell(text: str | None) -> str:
     """A spreadsheet never runs a cell as a formula (model names come from clients' requests)."""
     text = text or ""
+    if text == "-":  # the placeholder of a request that named no model Lumen serves
+        return text
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
