@@ -357,7 +357,8 @@ def test_check_validates_the_config_without_starting(tmp_path: Path) -> None:
     good.write_text("database: lumen.db\nmodels:\n  - name: echo\n    backends: [{url: 'builtin:echo'}]\n")
     done = cli("check", config=good)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"{good}: ok (1 models: echo; database {tmp_path / 'lumen.db'})"
+    assert done.stdout.strip() == (f"{good}: ok (1 models: echo; database {tmp_path / 'lumen.db'}; "
+                                   "portal http://127.0.0.1:8080/ with sign-in links)")
     assert json.loads(cli("check", "--json", config=good).stdout)["models"] == ["echo"]
     assert not (tmp_path / "lumen.db").exists()  # nothing was started or created
     grouped = tmp_path / "grouped.yaml"

@@ -54,6 +54,7 @@ class Flow:
     verifier: str
     binding: str  # sha256 of the browser cookie that started the flow
     started: float
+    next: str = "/keys"  # the portal page to land on
 
 
 def _b64(data: bytes) -> str:
@@ -76,7 +77,7 @@ class Flows:
         self.clock = clock
         self._flows: OrderedDict[str, Flow] = OrderedDict()
 
-    def start(self) -> tuple[Flow, str]:
+    def start(self, next_page: str = "/keys") -> tuple[Flow, str]:
         """A new flow and the browser cookie that binds it."""
         now = self.clock()
         while self._flows and (len(self._flows) >= MAX_FLOWS
@@ -84,7 +85,7 @@ class Flows:
             self._flows.popitem(last=False)
         cookie = secrets.token_urlsafe(32)
         flow = Flow(secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(48),
-                    _digest(cookie), now)
+                    _digest(cookie), now, next_page)
         self._flows[flow.state] = flow
         return flow, cookie
 

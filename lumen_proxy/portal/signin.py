@@ -54,7 +54,7 @@ async def oidc_start(request: web.Request) -> web.StreamResponse:
     if settings is None:
         raise Problem(404, "Not configured", "Single sign-on is not configured on this server.")
     admit_attempt(request)
-    flow, cookie = state.flows.start()
+    flow, cookie = state.flows.start(next_path(request.query.get("next")))
     target = await state.oidc.authorize_url(settings, base_url(request) + settings.callback_path, flow)
     response = web.Response(status=303, headers={"Location": target})
     response.set_cookie(FLOW_COOKIE, cookie, max_age=600, path="/login/oidc", httponly=True, samesite="Lax",
@@ -80,11 +80,14 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     if not isinstance(who, str):
         raise Problem(403, "No account", f"Your identity provider did not send the {settings.account_claim!r} claim "
                                          "that names your account. Contact your administrator.")
-    if settings.account_claim == "email" and claims.get("email_verified") is False:
+    verified = claims.get("email_verified") in (True, "true")
+    if settings.account_claim == "email" and claims.get("email_verified") in (False, "false"):
         raise Problem(403, "Email not verified", "Your identity provider says your email address is not verified.")
-    email = claims.get("email") if isinstance(claims.get("email"), str) else None
+    # Only a verified address is kept (it names the account at later sign-ins): an unverified one could
+    # be anyone's.
+    email = claims["email"] if verified and isinstance(claims.get("email"), str) else None
     account = await account_for(rt, state.records, who.strip(), email=email, group=_mapped_group(settings, claims))
-    response = await _signed_in_response(request, account.id, "oidc")
+    response = await _signed_in_response(request, account.id, "oidc", flow.next)
     response.del_cookie(FLOW_COOKIE, path="/login/oidc")
     return response
 
@@ -120,17 +123,18 @@ async def link_use(request: web.Request) -> web.StreamResponse:
     account = rt.view.accounts.get(used.account_id)
     if account is None or not account.enabled:
         raise Problem(403, "Account disabled", "This account is disabled. Contact your administrator.")
-    return await _signed_in_response(request, account.id, "link")
+    return await _signed_in_response(request, account.id, "link", next_path(request.query.get("next")))
 
 
-async def _signed_in_response(request: web.Request, account_id: int, method: str) -> web.StreamResponse:
+async def _signed_in_response(request: web.Request, account_id: int, method: str, target: str,
+                              ) -> web.StreamResponse:
     rt, state = request.app[RUNTIME], request.app[PORTAL]
     old = request.cookies.get(COOKIE)
     if old:
         await state.records.close_session(old)  # a new sign-in never reuses a session id (fixation)
     sid, session = await state.records.open_session(account_id, method, rt.config.portal.session_hours)
     log.info("portal: account %s signed in (%s)", account_id, method)
-    response = web.Response(status=303, headers={"Location": next_path(request.query.get("next"))})
+    response = web.Response(status=303, headers={"Location": target})
     set_session_cookie(request, response, sid, session)
     return response
 
