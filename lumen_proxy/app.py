@@ -18,10 +18,11 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .auth import credentials, require_model, visible_models
+from .auth import require_model, visible_models
 from .billing import to_coins
 from .config import Config, Model
 from .cors import add_cors_headers, cors_preflight
+from .delegation import principal_of
 from .endpoints import ENDPOINTS, SERVED, error_shape
 from .errors import BadRequest, NotFound, StorageUnavailable, make_error_middleware
 from .portal.routes import setup_portal
@@ -53,7 +54,7 @@ def _anthropic(request: web.Request) -> bool:
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(credentials(request.headers))
+    principal = await principal_of(request)
     created, anthropic = int(rt.started), _anthropic(request)
     data = [_model_object(m, created, anthropic) for m in visible_models(rt.config, principal.account)]
     if anthropic:
@@ -64,7 +65,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(credentials(request.headers))
+    principal = await principal_of(request)
     model = require_model(rt.config, principal.account, request.match_info["model"])
     return _json(_model_object(model, int(rt.started), _anthropic(request)))
 
@@ -103,13 +104,13 @@ async def metrics(request: web.Request) -> web.Response:
 async def me(request: web.Request) -> web.Response:
     """A key holder's own account: balance, allowance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(credentials(request.headers))
+    principal = await principal_of(request)
     return _json({**account_summary(rt, principal.account), "key_id": principal.key_id})
 
 
 async def usage(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(credentials(request.headers))
+    principal = await principal_of(request)
     by = request.query.get("by", "day")
     if by not in ("day", "model", "key"):
         raise BadRequest("Parameter 'by' must be day, model or key.", param="by")

@@ -39,8 +39,22 @@ class UnknownKey(InvalidKey):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who a request is for: the key that came (0: the portal's chat, signed in by a session) and the
+    account billed; ``delegate``: the key may act for the person its request names (Open WebUI);
+    ``acting``: it does, for ``account``."""
+
     key_id: int
     account: AccountRow
+    delegate: bool = False
+    acting: bool = False
+
+    @property
+    def subject(self) -> str:
+        """The per-key rate-limit subject: a delegating key's is per person (one front end's users never
+        share a window), the portal chat's per account."""
+        if self.acting:
+            return f"key:{self.key_id}:{self.account.id}"
+        return f"key:{self.key_id}" if self.key_id else f"chat:{self.account.id}"
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -68,6 +82,8 @@ class AccessView:
         self.store, self.wallets, self.lock, self.clock = store, wallets, lock, clock
         self.keys: dict[str, KeyRow] = {}
         self.accounts: dict[int, AccountRow] = {}
+        self.named: dict[str, AccountRow] = {}  # by name (delegation)
+        self.emailed: dict[str, AccountRow] = {}  # by lower-cased email
         self._generation: int | None = None  # the store's, as of the view's last reload
         self._fresh_at = 0.0  # monotonic time of the last successful check
         self._miss_lock = asyncio.Lock()
@@ -87,6 +103,8 @@ class AccessView:
     async def _load(self, generation: int) -> None:
         accounts, keys = await self.store.load_view()
         self.accounts = {a.id: a for a in accounts}
+        self.named = {a.name: a for a in accounts}
+        self.emailed = {a.email.lower(): a for a in accounts if a.email}
         self.keys = {k.hash: k for k in keys}
         self.wallets.load((a.id, a.balance + a.allowance) for a in accounts)
         self.wallets.load_allowances((a.id, a.allowance) for a in accounts)
@@ -167,7 +185,11 @@ class AccessView:
         if not account.enabled:
             raise ModelNotAllowed(f"The account {account.name!r} is disabled. Contact your administrator.",
                                   code="account_disabled")
-        return Principal(key.id, account)
+        return Principal(key.id, account, key.delegate)
+
+    def person(self, who: str) -> AccountRow | None:
+        """The account named ``who``, else the one whose email it is (case-insensitively)."""
+        return self.named.get(who) or self.emailed.get(who.lower())
 
 
 def _cannot_refresh(exc: Exception) -> None:

@@ -203,6 +203,7 @@ class Config:
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ("*",)
     demo: bool = False
+    delegation_header: str = "X-OpenWebUI-User-Email"  # names the person a delegating key's request is for
     public_url: str | None = None  # the portal's address as people's browsers see it (links, Origin checks)
     portal: Portal = Portal()
     by_name: Mapping[str, Model] = field(default_factory=dict, compare=False, repr=False)
@@ -349,6 +350,14 @@ def _response_ids(r: _Reader, value: Any, path: str) -> ResponseIds:
         hours=r.optional(data, "hours", path, lambda v, p: float(r.number(v, p, minimum=0.001)), default.hours),
         per_account=r.optional(data, "per_account", path, count, default.per_account),
     )
+
+
+def _delegation(r: _Reader, value: Any, path: str) -> str:
+    data = r.mapping(value, path, {"header"})
+    header = r.optional(data, "header", path, r.string, _default(Config, "delegation_header"))
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header):
+        raise r.fail(f"{path}.header", f"must be a header name such as X-OpenWebUI-User-Email, got {header!r}")
+    return str(header)
 
 
 def _zone(r: _Reader, value: Any, path: str) -> ZoneInfo:
@@ -522,6 +531,7 @@ _TOP = {
     "max_body_mb", "max_response_mb", "max_connections", "shutdown_grace", "admin_token", "log_prompts", "demo",
     "cors_origins",
     "usage_backlog", "response_ids", "timezone", "groups", "default_group", "public_url", "portal",
+    "delegation",
 }
 
 
@@ -582,6 +592,8 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),
         demo=r.optional(top, "demo", "", r.boolean, False),
         public_url=r.optional(top, "public_url", "", lambda v, p: parse_public_url(r, v, p), None),
+        delegation_header=r.optional(top, "delegation", "", lambda v, p: _delegation(r, v, p),
+                                     _default(Config, "delegation_header")),
         portal=r.optional(top, "portal", "", lambda v, p: parse_portal(r, v, p, [g.name for g in groups]), Portal()),
         by_name=by_name,
     )

@@ -148,6 +148,13 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX usage_account_time ON usage(account_id, time);   -- the Usage page's recent requests
         """,
     ),
+    (
+        "m010_delegating_keys",
+        """
+        ALTER TABLE keys ADD COLUMN delegate INTEGER NOT NULL DEFAULT 0 CHECK (delegate IN (0, 1));
+            -- 1: a shared front end's key (Open WebUI) that may act for the person its request names
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

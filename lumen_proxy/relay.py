@@ -24,11 +24,12 @@ import orjson
 from aiohttp import web
 
 from . import billing
-from .auth import Principal, account_limits, allowed_models, credentials, require_model, visible_models
+from .auth import Principal, account_limits, allowed_models, require_model, visible_models
 from .backends import BadAnswer, Upstream, connect, upstream_headers
 from .billing import to_coins
 from .builtin import EchoUpstream
 from .config import Backend, Config, Model, Price
+from .delegation import principal_of
 from .endpoints import ENDPOINTS, Endpoint, Usage, WorstCase, check_fields, upstream_body, worst_case
 from .errors import (
     REQUEST_ID,
@@ -152,7 +153,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 def key_subjects(rt: Runtime, principal: Principal) -> list[tuple[str, LimitSpec]]:
     """Per key: the defaults; per account: its own limits, else the defaults."""
     account = principal.account
-    return [(f"key:{principal.key_id}", rt.config.limits),
+    return [(principal.subject, rt.config.limits),
             (f"account:{account.id}", account_limits(rt.config, account))]
 
 
@@ -230,13 +231,17 @@ def serving_backends(rt: Runtime, call: Call, model: Model, body: dict[str, Any]
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
+    """A model POST of the API: the key's (or its delegating key's person's) request."""
+    return await relay_as(request, await principal_of(request), ENDPOINTS[request.path])
+
+
+async def relay_as(request: web.Request, principal: Principal, endpoint: Endpoint) -> web.StreamResponse:
+    """Relay ``request`` as ``principal`` on ``endpoint``: admission, hold, forward, settlement, usage row."""
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(credentials(request.headers))
     storage = rt.usage.refusal()
     if storage is not None:  # fail closed, never a free pass; and no row added to the backlog that waits
         rt.metrics.storage_refusals.inc()
         raise storage
-    endpoint = ENDPOINTS[request.path]
     call = Call(request[REQUEST_ID], principal, NO_MODEL, endpoint)  # a row even for a bad body
     ticket: Admission | None = None
     hold: billing.Hold | None = None

@@ -111,7 +111,7 @@ _ADD_DAILY = (
 )
 _ACCOUNT_COLS = ("id, name, models, enabled, created_at, balance, rpm, tpm, concurrency, group_name, allowance,"
                  " allowance_start, email")
-_KEY_COLS = "id, account_id, hash, prefix, label, created_at, last_used_at, expires_at, revoked_at"
+_KEY_COLS = "id, account_id, hash, prefix, label, created_at, last_used_at, expires_at, revoked_at, delegate"
 _IN_CHUNK = 500  # bound parameters per IN (...): SQLite's limit is 999 or more
 
 
@@ -122,7 +122,7 @@ def _account(row: Sequence[Any]) -> AccountRow:
 
 
 def _key(row: Sequence[Any]) -> KeyRow:
-    return KeyRow(*row)
+    return KeyRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], bool(row[9]))
 
 
 # -- migrations --------------------------------------------------------------------------------------------
@@ -531,7 +531,8 @@ class SqliteStore:
     # -- keys --------------------------------------------------------------------------------------------
     @_translated
     async def create_key(self, account_name: str, label: str | None = None, expires_at: float | None = None,
-                         *, now: float | None = None, max_active: int | None = None) -> tuple[str, KeyRow]:
+                         *, now: float | None = None, max_active: int | None = None,
+                         delegate: bool = False) -> tuple[str, KeyRow]:
         account = await self.account(account_name)
         key = new_key()
         now = time.time() if now is None else now
@@ -543,8 +544,9 @@ class SqliteStore:
                 if active >= max_active:
                     raise TooManyKeys(active)
             await self.conn.execute(
-                "INSERT INTO keys (account_id, hash, prefix, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (account.id, hash_key(key), visible_prefix(key), label, now, expires_at))
+                "INSERT INTO keys (account_id, hash, prefix, label, created_at, expires_at, delegate)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (account.id, hash_key(key), visible_prefix(key), label, now, expires_at, int(delegate)))
         row = await self._one(f"SELECT {_KEY_COLS} FROM keys WHERE hash = ?", (hash_key(key),))
         return key, _key(row)
 
@@ -569,6 +571,12 @@ class SqliteStore:
         return await self.find_key(str(key.id))
 
     @_translated
+    async def set_delegate(self, key_or_id: str, delegate: bool) -> KeyRow:
+        key = await self.find_key(key_or_id)
+        await self._transaction([("UPDATE keys SET delegate = ? WHERE id = ?", (int(delegate), key.id))])
+        return await self.find_key(str(key.id))
+
+    @_translated
     async def keys(self, account_name: str | None = None) -> list[tuple[KeyRow, str]]:
         sql = (f"SELECT {', '.join('k.' + c.strip() for c in _KEY_COLS.split(','))}, a.name "
                "FROM keys k JOIN accounts a ON a.id = k.account_id")
@@ -577,7 +585,7 @@ class SqliteStore:
             await self.account(account_name)
             sql += " WHERE a.name = ?"
             params = (account_name,)
-        return [(_key(r[:9]), r[9]) for r in await self._all(sql + " ORDER BY k.id", params)]
+        return [(_key(r[:10]), r[10]) for r in await self._all(sql + " ORDER BY k.id", params)]
 
     # -- usage -------------------------------------------------------------------------------------------
     async def write_usage(self, rows: Sequence[UsageRow]) -> dict[int, int]:

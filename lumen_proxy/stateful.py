@@ -12,10 +12,11 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from .auth import credentials, require_model
+from .auth import require_model
 from .backends import Upstream, connect, upstream_headers
 from .builtin import EchoUpstream
 from .config import Backend
+from .delegation import principal_of
 from .errors import REQUEST_ID, RateLimited
 from .owners import holder, not_found
 from .ratelimit import Refusal
@@ -30,7 +31,7 @@ async def follow_up(request: web.Request) -> web.StreamResponse:
     before the id is looked at.
     """
     rt = request.app[RUNTIME]
-    principal = await rt.view.identify(credentials(request.headers))
+    principal = await principal_of(request)
     admission = await rt.limiter.admit(key_subjects(rt, principal), 0, request[REQUEST_ID])
     if isinstance(admission, Refusal):  # first: probing ids counts against the key's limits like any request
         raise RateLimited(admission.message, headers=admission.headers())

@@ -127,6 +127,7 @@ class KeyRow:
     last_used_at: float | None
     expires_at: float | None
     revoked_at: float | None
+    delegate: bool = False  # a shared front end's key: its requests may name the person they are for
 
 
 @dataclass(slots=True)
@@ -354,13 +355,17 @@ class Store(Protocol):
         ...
 
     async def create_key(self, account_name: str, label: str | None = None, expires_at: float | None = None,
-                         *, now: float | None = None, max_active: int | None = None) -> tuple[str, KeyRow]:
+                         *, now: float | None = None, max_active: int | None = None,
+                         delegate: bool = False) -> tuple[str, KeyRow]:
         """A new key: returned once in full; only its hash is stored. With ``max_active``, refused
         (:class:`TooManyKeys`) when the account already holds that many keys neither revoked nor expired,
         checked and inserted in one transaction, so two creations at once cannot both pass."""
         ...
 
     async def find_key(self, key_or_id: str) -> KeyRow: ...
+    async def set_delegate(self, key_or_id: str, delegate: bool) -> KeyRow:
+        """Make a key a delegating key (or an ordinary one again)."""
+        ...
     async def revoke_key(self, key_or_id: str, *, now: float | None = None) -> KeyRow: ...
     async def keys(self, account_name: str | None = None) -> list[tuple[KeyRow, str]]: ...
 

@@ -25,7 +25,7 @@ COLUMNS = {
     "accounts": {"id", "name", "models", "enabled", "created_at", "balance", "rpm", "tpm", "concurrency",
                  "group_name", "allowance", "allowance_start", "email"},
     "keys": {"id", "account_id", "hash", "prefix", "label", "created_at", "last_used_at", "expires_at",
-             "revoked_at"},
+             "revoked_at", "delegate"},
     "ledger": {"id", "account_id", "time", "amount", "note"},
     "usage": {"id", "request_id", "time", "account_id", "key_id", "model", "backend", "endpoint", "status",
               "prompt_tokens", "completion_tokens", "cost", "estimated", "partial", "capped", "duration_ms",
