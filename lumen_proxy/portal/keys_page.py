@@ -94,7 +94,7 @@ async def revoke_key(request: web.Request, viewer: Viewer) -> web.StreamResponse
 
 
 def when(ts: float | None) -> str:
-    """A time for a table cell (UTC, to the minute); the page's script shows it in local time."""
+    """A time for a table cell (UTC, to the minute)."""
     if ts is None:
         return "—"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -38,7 +38,13 @@ def _day_list(days: int, now: float) -> list[str]:
 
 
 def coins_text(value: float) -> str:
+    if 0 < value < 0.0001:
+        return "<0.0001"
     return f"{value:,.4f}".rstrip("0").rstrip(".") if value else "0"
+
+
+def seconds_text(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
 def tokens_text(value: float) -> str:
@@ -75,7 +81,8 @@ async def usage_page(request: web.Request, viewer: Viewer) -> web.StreamResponse
         "recent": [(ts, model, endpoint, prompt, completion, to_coins(cost), status, duration, prefix)
                    for ts, model, endpoint, prompt, completion, cost, status, duration, prefix
                    in await records.recent(account.id)],
-        "coins_text": coins_text, "tokens_text": tokens_text,
+        "coins_text": coins_text, "tokens_text": tokens_text, "seconds_text": seconds_text,
+        "zone": rt.config.timezone.key,
     }
     return render(request, "usage.html", context)
 
