@@ -116,7 +116,8 @@ def account_dict(a: AccountRow, config: Config, now: float | None = None) -> dic
 
 def key_dict(k: KeyRow, account: str) -> dict[str, Any]:
     return {"id": k.id, "account": account, "prefix": k.prefix, "label": k.label, "created": iso(k.created_at),
-            "last_used": iso(k.last_used_at), "expires": iso(k.expires_at), "revoked": iso(k.revoked_at)}
+            "last_used": iso(k.last_used_at), "expires": iso(k.expires_at), "revoked": iso(k.revoked_at),
+            "delegate": k.delegate}
 
 
 def emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
@@ -277,7 +278,8 @@ async def keys_create(store: Store, config: Config, args: argparse.Namespace) ->
     group = config.group((await store.account(args.account)).group)
     limit = group.max_keys if group is not None else None
     try:
-        key, row = await store.create_key(args.account, args.label, expires, now=now, max_active=limit)
+        key, row = await store.create_key(args.account, args.label, expires, now=now, max_active=limit,
+                                          delegate=args.delegate)
     except TooManyKeys as exc:
         raise CliError(f"account {args.account} already holds {exc.active} active keys, the most its group "
                        f"{group.name if group else ''} allows (max_keys: {limit}): revoke one first (lumen-proxy "
@@ -286,7 +288,9 @@ async def keys_create(store: Store, config: Config, args: argparse.Namespace) ->
         print(json.dumps({**key_dict(row, args.account), "key": key}, indent=2))
     else:
         print(key)
-        print(f"key id {row.id} for account {args.account}: store it now, it is not shown again", file=sys.stderr)
+        kind = " (delegating: requests naming a person in " + config.delegation_header + " are theirs)" \
+            if row.delegate else ""
+        print(f"key id {row.id} for account {args.account}{kind}: store it now, it is not shown again", file=sys.stderr)
 
 
 SIGNIN_NAMES = {"oidc": "OpenID Connect", "header": "a trusted proxy header", "link": "sign-in links"}
@@ -334,11 +338,20 @@ async def keys_list(store: Store, config: Config, args: argparse.Namespace) -> N
         lines = [f"{'ID':>5} {'ACCOUNT':16} {'PREFIX':10} {'LABEL':16} {'LAST USED':26} STATE"]
         for k, name in keys:
             state = "revoked" if k.revoked_at else (f"expires {iso(k.expires_at)}" if k.expires_at else "active")
+            state += ", delegating" if k.delegate else ""
             lines.append(f"{k.id:>5} {name:16} {k.prefix + '…':10} {k.label or '':16} "
                          f"{iso(k.last_used_at) or 'never':26} {state}")
         return "\n".join(lines)
 
     emit(args, [key_dict(k, n) for k, n in keys], text)
+
+
+async def keys_delegate(store: Store, config: Config, args: argparse.Namespace) -> None:
+    key = await store.set_delegate(args.key, not args.off)
+    account = await store.account_by_id(key.account_id)
+    state = (f"now delegating: a request naming a person in {config.delegation_header} is that person's"
+             if key.delegate else "no longer delegating: its requests are its own account's")
+    emit(args, key_dict(key, account.name), lambda: f"key {key.id} ({key.prefix}…) of {account.name} is {state}")
 
 
 async def keys_revoke(store: Store, config: Config, args: argparse.Namespace) -> None:
@@ -675,7 +688,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("--label", help="a note, e.g. the laptop or script it is for")
     p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (00:00 UTC) or ISO time after which it fails")
+    p.add_argument("--delegate", action="store_true",
+                   help="a shared front end's key (Open WebUI): a request naming a person in the delegation "
+                        "header is billed, limited and logged as that person's account")
     p.set_defaults(run=keys_create)
+    p = keys.add_parser("delegate", parents=[common, as_json], help="make a key a delegating key, or not (--off)",
+                        description="Make a key a delegating key: a request with it that names a person in the "
+                                    "header delegation.header of the config (default X-OpenWebUI-User-Email, "
+                                    "which Open WebUI sends with ENABLE_FORWARD_USER_INFO_HEADERS=true) is "
+                                    "authenticated, limited, held, billed and logged as that person's account "
+                                    "(matched by name, else email; someone unknown follows portal.new_accounts). "
+                                    "Without the header the key is its own account's. --off turns it back into "
+                                    "an ordinary key; the server applies either within a second.")
+    p.add_argument("key", metavar="KEY_OR_ID")
+    p.add_argument("--off", action="store_true", help="make it an ordinary key again")
+    p.set_defaults(run=keys_delegate)
     p = keys.add_parser("list", parents=[common, as_json], help="list keys (never the keys themselves)")
     p.add_argument("account", nargs="?")
     p.set_defaults(run=keys_list)

@@ -207,7 +207,7 @@ def signed_in(handler: ViewerHandler) -> Handler:
         if request.method == "POST":
             await _check_post(request, viewer)
         response = await handler(request, viewer)
-        if viewer.opened:
+        if viewer.opened and not response.prepared:
             set_session_cookie(request, response, viewer.sid, viewer.session)
         return response
     return wrapped

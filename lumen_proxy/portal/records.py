@@ -167,6 +167,12 @@ class PortalRecords:
             " u.duration_ms, k.prefix FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
             " WHERE u.account_id = ? ORDER BY u.time DESC LIMIT ?", (account_id, limit))
 
+    async def request_row(self, account_id: int, request_id: str) -> tuple[Any, ...] | None:
+        """(model, status, prompt, completion, cost, partial) of the account's request ``request_id``."""
+        rows = await self._read("SELECT model, status, prompt_tokens, completion_tokens, cost, partial FROM usage"
+                                " WHERE request_id = ? AND account_id = ?", (request_id[:64], account_id))
+        return tuple(rows[0]) if rows else None
+
     async def export(self, account_id: int, since: float, until: float,
                      chunk: int = 2000) -> AsyncIterator[list[tuple[Any, ...]]]:
         """Every request of the period, oldest first, in chunks (a year of heavy use never sits in memory)."""

@@ -20,7 +20,7 @@ from ..billing import to_coins
 from ..ratelimit import RateLimiter
 from ..runtime import RUNTIME
 from ..sqlite_store import SqliteStore
-from . import keys_page, signin, usage_page
+from . import chat_page, keys_page, signin, usage_page
 from .guard import PORTAL, PortalState, Viewer, signed_in
 from .keys_page import when
 from .oidc import Flows, OidcClient
@@ -63,5 +63,8 @@ def setup_portal(app: web.Application) -> None:
     add.add_get("/usage", usage_page.usage_page)
     add.add_get("/usage/live.json", usage_page.live)
     add.add_get("/usage.csv", usage_page.export)
+    add.add_get("/chat", chat_page.chat_page)
+    add.add_post("/chat/completions", chat_page.chat_completions)
+    add.add_get("/usage/request/{request_id}.json", chat_page.request_cost)
     add.add_static("/static/", HERE / "static")
     env.globals["version"] = __version__

@@ -76,7 +76,7 @@ async def usage_page(request: web.Request, viewer: Viewer) -> web.StreamResponse
         "coins_chart": stacked_bars(day_list, coins, series, title="Coins per day", fmt=coins_text),
         "tokens_chart": stacked_bars(day_list, tokens, series, title="Tokens per day", fmt=tokens_text),
         "by_model": [(m, *per_model[m][:3], to_coins(per_model[m][3])) for m in series],
-        "by_key": [(prefix or f"key {key_id}", label, requests, toks, to_coins(cost))
+        "by_key": [(prefix, label if key_id else "Chat (this portal)", requests, toks, to_coins(cost))
                    for key_id, prefix, label, requests, toks, cost in await records.by_key(account.id, day_list[0])],
         "recent": [(ts, model, endpoint, prompt, completion, to_coins(cost), status, duration, prefix)
                    for ts, model, endpoint, prompt, completion, cost, status, duration, prefix
