@@ -78,6 +78,12 @@ async def healthz(request: web.Request) -> web.Response:
               for m in rt.config.models}
     usage_log = rt.usage.health()
     ok = all(m["up"] for m in models.values()) and not rt.view.is_stale() and usage_log["ok"]
+    depth, slots = rt.share.depth(), rt.share.slots()
+    for m in rt.config.models:
+        if m.gated:
+            models[m.name]["waiting"] = depth.get(m.name, 0)
+            models[m.name]["slots"] = {b.label: slots.get(b.label, {"busy": 0, "capacity": b.max_concurrency})
+                                       for b in m.backends if b.max_concurrency is not None}
     body = {"status": "ok" if ok else "degraded", "version": __version__, "database": not rt.view.is_stale(),
             "usage_log": usage_log, "models": models}
     return _json(body, status=200 if ok else 503)
@@ -97,6 +103,7 @@ async def metrics(request: web.Request) -> web.Response:
     authorized = token is not None and hmac.compare_digest(offered, f"Bearer {token}".encode())  # no timing oracle
     if not authorized and not _is_loopback(request):
         raise NotFound("Unknown path /metrics.")  # do not advertise it to the outside
+    rt.metrics.queue(rt.share.depth(), rt.share.slots())
     body = rt.metrics.render(rt.backend_states)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -105,7 +112,8 @@ async def me(request: web.Request) -> web.Response:
     """A key holder's own account: balance, allowance, limits, models (the seed's "Usage page", for scripts)."""
     rt = request.app[RUNTIME]
     principal = await principal_of(request)
-    return _json({**account_summary(rt, principal.account), "key_id": principal.key_id})
+    return _json({**account_summary(rt, principal.account), "key_id": principal.key_id,
+                  "waiting": rt.share.waiting_of(principal.account.id)})
 
 
 async def usage(request: web.Request) -> web.Response:

@@ -42,6 +42,7 @@ from multidict import CIMultiDict
 
 from .config import Backend, Breaker, Config, Model, Timeouts
 from .errors import BackendUnavailable, LumenError, UpstreamTimeout
+from .fairshare import FairShare, Gate, QueueTimeout
 
 log = logging.getLogger("lumen_proxy")
 # Seconds: the openai SDKs retry a 503 twice, after 0.5-1 s of backoff or after its Retry-After. A
@@ -355,19 +356,108 @@ class Dialer(Protocol):
     async def __call__(self, backend: Backend) -> Upstream: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What the fair queue needs of a request that may wait for a slot (fairshare.py)."""
+
+    share: FairShare
+    account: int
+    weight: float
+    cost: int  # its expected tokens
+    timeout: float
+
+
+class SlotUpstream:
+    """An upstream that holds a backend slot until it is closed (a stream: until its end)."""
+
+    def __init__(self, upstream: Upstream, share: FairShare, gate: Gate) -> None:
+        self.upstream, self.share, self.gate = upstream, share, gate
+        self.status, self.content_type = upstream.status, upstream.content_type
+        self.retry_headers = upstream.retry_headers
+
+    async def read(self, limit: int) -> bytes:
+        return await self.upstream.read(limit)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.upstream.chunks()
+
+    def close(self) -> None:
+        self.upstream.close()
+        if self.gate is not None:
+            gate, self.gate = self.gate, None  # type: ignore[assignment]
+            self.share.release(gate)
+
+
 async def connect(pool: BackendPool, model: Model, dial: Dialer, *, account: int | None = None,
-                  backends: tuple[Backend, ...] | None = None) -> tuple[Backend, Upstream]:
+                  backends: tuple[Backend, ...] | None = None, turn: Turn | None = None) -> tuple[Backend, Upstream]:
     """Try the candidates in turn until one answers below 500; 504 on a first-byte timeout, else 503.
 
     ``account`` is the caller's: an ambiguous failure is put down to it (see the module docstring).
-    ``backends``: those that may serve this request (default: all of the model's).
+    ``backends``: those that may serve this request (default: all of the model's). With ``turn``, a
+    backend with ``max_concurrency`` is tried only with one of its slots; when every candidate is
+    gated and full, the request waits in the fair queue for whichever frees a slot first.
     """
-    for backend in pool.candidates(model, backends):
-        if pool.begin(backend):
-            upstream = await _attempt(pool, model, backend, dial, account)
-            if upstream is not None:
-                return backend, upstream
-    raise pool.unavailable(model)
+    candidates = pool.candidates(model, backends)
+    if turn is None:
+        for backend in candidates:
+            if pool.begin(backend):
+                upstream = await _attempt(pool, model, backend, dial, account)
+                if upstream is not None:
+                    return backend, upstream
+        raise pool.unavailable(model)
+    tried: set[int] = set()
+    while True:
+        full: list[tuple[Gate, Backend]] = []
+        for i, backend in enumerate(candidates):
+            if i in tried:
+                continue
+            gate = turn.share.gate(backend)
+            if gate is not None and not turn.share.take(gate):
+                full.append((gate, backend))
+                continue
+            tried.add(i)
+            found = await _attempt_with_slot(pool, model, backend, dial, account, turn.share, gate)
+            if found is not None:
+                return backend, found
+        if not full:
+            raise pool.unavailable(model)
+        gate = await _wait(turn, model, [g for g, _ in full])
+        backend = next(b for g, b in full if g is gate)
+        tried.add(candidates.index(backend))
+        found = await _attempt_with_slot(pool, model, backend, dial, account, turn.share, gate)
+        if found is not None:
+            return backend, found
+
+
+async def _wait(turn: Turn, model: Model, gates: list[Gate]) -> Gate:
+    try:
+        return await turn.share.wait(gates, account=turn.account, model=model.name, weight=turn.weight,
+                                     cost=turn.cost, within=turn.timeout)
+    except QueueTimeout as late:
+        raise BackendUnavailable(
+            f"Every backend of `{model.name}` is busy: this request waited {late.waited:.0f} s (queue_timeout) "
+            f"with {late.ahead} requests ahead of it. Retry later.",
+            headers={"Retry-After": "5", "retry-after-ms": "5000"}) from None
+
+
+async def _attempt_with_slot(pool: BackendPool, model: Model, backend: Backend, dial: Dialer, account: int | None,
+                             share: FairShare, gate: Gate | None) -> Upstream | None:
+    """:func:`_attempt` holding ``gate``'s slot (if any): kept by the answer, freed on every other way out."""
+    if not pool.begin(backend):
+        if gate is not None:
+            share.release(gate)
+        return None
+    try:
+        upstream = await _attempt(pool, model, backend, dial, account)
+    except BaseException:
+        if gate is not None:
+            share.release(gate)
+        raise
+    if upstream is None:
+        if gate is not None:
+            share.release(gate)
+        return None
+    return SlotUpstream(upstream, share, gate) if gate is not None else upstream
 
 
 async def _attempt(pool: BackendPool, model: Model, backend: Backend, dial: Dialer,

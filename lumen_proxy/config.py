@@ -68,6 +68,10 @@ class Backend:
     """Sent on every request to this backend (OpenAI-Organization, OpenAI-Project, a gateway's own)."""
     apis: frozenset[str] | None = None
     """The APIs (``chat``, ``completions``, ``embeddings``, ``responses``, ``messages``) it serves; None: all."""
+    max_concurrency: int | None = None
+    """Requests it is given at once; beyond, they wait in Lumen's fair queue (fairshare.py). None: no cap."""
+    send_priority: bool = False
+    """Set the request's ``priority`` (vLLM's, lower first) to its account's group priority."""
     label: str = field(init=False, compare=False)
     """Name used in logs, /healthz and /metrics: the URL without user, password or query."""
 
@@ -114,6 +118,11 @@ class Model:
     owned_by: str = "lumen"
     serving: Mapping[str, tuple[Backend, ...]] = field(default_factory=dict, compare=False, repr=False)
     """Per API name, the backends that serve it (built once by the config reader)."""
+    gated: bool = field(init=False, compare=False, repr=False)
+    """Some backend has ``max_concurrency``: requests may wait in the fair queue (else they never look)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gated", any(b.max_concurrency is not None for b in self.backends))
 
     def backends_for(self, api: str) -> tuple[Backend, ...]:
         """The backends a request of ``api`` may go to: those that list it (or list nothing)."""
@@ -168,6 +177,8 @@ class Group:
     limits: GroupLimits = GroupLimits()
     allowance: Allowance | None = None
     max_keys: int | None = None  # keys an account of the group may hold; None: no limit
+    weight: float = 1.0  # its share of a saturated backend against other groups' accounts (fairshare.py)
+    priority: int = 0  # sent as vLLM's `priority` to backends with send_priority (lower is served first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +201,7 @@ class Config:
     timeouts: Timeouts = Timeouts()
     breaker: Breaker = Breaker()
     health_check_interval: float = 0.0
+    queue_timeout: float = 30.0  # seconds a request waits for a slot of a saturated backend, then 503
     max_body_bytes: int = 8 * 1024 * 1024
     max_response_bytes: int = 64 * 1024 * 1024
     max_connections: int = 1000
@@ -369,7 +381,7 @@ def _zone(r: _Reader, value: Any, path: str) -> ZoneInfo:
 
 
 def _group(r: _Reader, value: Any, path: str, models: Mapping[str, Model]) -> Group:
-    data = r.mapping(value, path, {"name", "models", "limits", "allowance", "max_keys"})
+    data = r.mapping(value, path, {"name", "models", "limits", "allowance", "max_keys", "weight", "priority"})
     if "name" not in data:
         raise r.fail(_join(path, "name"), "is required")
     name = r.string(data["name"], _join(path, "name"))
@@ -400,6 +412,9 @@ def _group(r: _Reader, value: Any, path: str, models: Mapping[str, Model]) -> Gr
     return Group(
         name=name, models=group_models, limits=limits, allowance=allowance,
         max_keys=r.optional(data, "max_keys", path, lambda v, p: int(r.number(v, p, minimum=1, integer=True)), None),
+        weight=r.optional(data, "weight", path, lambda v, p: float(r.number(v, p, minimum=0.01)), 1.0),
+        priority=r.optional(data, "priority", path,
+                            lambda v, p: int(r.number(v, p, minimum=-(2**31), integer=True)), 0),
     )
 
 
@@ -416,7 +431,8 @@ def _groups(r: _Reader, value: Any, models: Mapping[str, Model]) -> tuple[Group,
 
 
 def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
-    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field", "headers", "apis"})
+    data = r.mapping(value, path, {"url", "api_key", "model", "stream_usage", "max_tokens_field", "headers", "apis",
+                                   "max_concurrency", "send_priority"})
     if "url" not in data:
         raise r.fail(_join(path, "url"), "is required")
     url = r.string(data["url"], _join(path, "url")).rstrip("/")
@@ -431,6 +447,9 @@ def _backend(r: _Reader, value: Any, path: str, public_name: str) -> Backend:
                                     "max_tokens"),
         headers=r.optional(data, "headers", path, lambda v, p: _headers(r, v, p), {}),
         apis=r.optional(data, "apis", path, lambda v, p: _apis(r, v, p), None),
+        max_concurrency=r.optional(data, "max_concurrency", path,
+                                   lambda v, p: int(r.number(v, p, minimum=1, integer=True)), None),
+        send_priority=r.optional(data, "send_priority", path, r.boolean, False),
     )
 
 
@@ -531,7 +550,7 @@ _TOP = {
     "max_body_mb", "max_response_mb", "max_connections", "shutdown_grace", "admin_token", "log_prompts", "demo",
     "cors_origins",
     "usage_backlog", "response_ids", "timezone", "groups", "default_group", "public_url", "portal",
-    "delegation",
+    "delegation", "queue_timeout",
 }
 
 
@@ -578,6 +597,7 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
             cooldown=r.optional(breaker, "cooldown", "circuit_breaker", seconds, 30.0),
         ),
         health_check_interval=r.optional(top, "health_check_interval", "", seconds, 0.0),
+        queue_timeout=r.optional(top, "queue_timeout", "", positive, _default(Config, "queue_timeout")),
         max_body_bytes=r.optional(top, "max_body_mb", "", mebibytes, _default(Config, "max_body_bytes")),
         max_response_bytes=r.optional(top, "max_response_mb", "", mebibytes, _default(Config, "max_response_bytes")),
         max_connections=r.optional(top, "max_connections", "", count, _default(Config, "max_connections")),

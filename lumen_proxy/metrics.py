@@ -105,8 +105,15 @@ class Metrics:
         self.storage_refusals = Counter("lumen_storage_refusals", "Requests refused because usage cannot be recorded")
         self.inflight = Gauge("lumen_inflight_requests", "Requests in flight")
         self.backend_up = Gauge("lumen_backend_up", "1 when the backend's breaker is closed", ("model", "backend"))
+        self.queued = Gauge("lumen_queue_waiting", "Requests waiting for a slot of a saturated backend", ("model",))
+        self.queue_wait = Histogram("lumen_queue_wait_seconds", "Time requests waited for a backend slot",
+                                    ("model",), _LATENCY_BUCKETS)
+        self.slots_busy = Gauge("lumen_backend_slots_busy", "Slots in use of a backend with max_concurrency",
+                                ("backend",))
+        self.slots = Gauge("lumen_backend_slots", "max_concurrency of a backend", ("backend",))
         self.all: tuple[Metric, ...] = (self.requests, self.latency, self.ttfb, self.tokens, self.coins,
-                                        self.refusals, self.storage_refusals, self.inflight, self.backend_up)
+                                        self.refusals, self.storage_refusals, self.inflight, self.backend_up,
+                                        self.queued, self.queue_wait, self.slots_busy, self.slots)
 
     def request_done(self, row: UsageRow, account: str) -> None:
         model = (row.model,)
@@ -123,6 +130,12 @@ class Metrics:
 
     def rate_limited(self, model: str, limit: str) -> None:
         self.refusals.inc((model, limit))
+
+    def queue(self, depth: dict[str, int], slots: dict[str, dict[str, int]]) -> None:
+        """The fair queue as of now (set at each scrape)."""
+        self.queued.values = {(model,): n for model, n in depth.items()}
+        self.slots_busy.values = {(label,): s["busy"] for label, s in slots.items()}
+        self.slots.values = {(label,): s["capacity"] for label, s in slots.items()}
 
     def render(self, backend_states: Callable[[], dict[tuple[str, str], bool]]) -> bytes:
         self.backend_up.values = {labels: 1 if up else 0 for labels, up in backend_states().items()}

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import billing
 from .auth import Principal, account_limits, allowed_models, require_model, visible_models
-from .backends import BadAnswer, Upstream, connect, upstream_headers
+from .backends import BadAnswer, Turn, Upstream, connect, upstream_headers
 from .billing import to_coins
 from .builtin import EchoUpstream
 from .config import Backend, Config, Model, Price
@@ -368,6 +368,9 @@ async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, b
 
     async def dial(backend: Backend) -> Upstream:
         send, injected[backend.url] = upstream_body(body, endpoint, backend, worst)
+        if backend.send_priority:  # vLLM's priority scheduling: the group's, never the client's own
+            group = rt.config.group(call.principal.account.group)
+            send = {**send, "priority": group.priority if group is not None else 0}
         encoded = _encode(send)  # also for the built-in backend: what no HTTP backend could take, it refuses too
         call.backend = backend
         call.upstream_at = time.perf_counter()
@@ -377,7 +380,13 @@ async def forward(request: web.Request, rt: Runtime, call: Call, model: Model, b
                                    endpoint.sends_x_api_key)
         return await rt.client.post(backend, endpoint.upstream, encoded, headers)
 
-    backend, upstream = await connect(rt.pool, model, dial, account=call.principal.account.id, backends=backends)
+    account = call.principal.account
+    turn = None
+    if model.gated:  # only then may it wait: the fast path builds nothing
+        group = rt.config.group(account.group)
+        turn = Turn(rt.share, account.id, group.weight if group is not None else 1.0, worst.tokens,
+                    rt.config.queue_timeout)
+    backend, upstream = await connect(rt.pool, model, dial, account=account.id, backends=backends, turn=turn)
     call.first_byte_at = time.perf_counter()
     headers = {**endpoint.errors.headers(call.request_id), **ticket.headers()}
     try:

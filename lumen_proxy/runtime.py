@@ -30,6 +30,7 @@ from .backends import BackendPool, HttpClient, check_backends
 from .billing import Coins, Wallets
 from .builtin_formats import EchoStore
 from .config import Config
+from .fairshare import FairShare
 from .metrics import Metrics
 from .owners import ResponseOwners
 from .ratelimit import Limiter, MemoryLimiter
@@ -70,6 +71,7 @@ class Runtime:
     responses: ResponseOwners
     allowances: Allowances
     echo: EchoStore = field(default_factory=EchoStore)  # the built-in echo's stored responses
+    share: FairShare = field(default_factory=FairShare)  # saturated backends' slots and their fair queue
     started: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -177,6 +179,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
             allowances=Allowances(lambda: rt.config, lambda: view.accounts, wallets, store, writer_lock,
                                   view.reload_holding_lock, clock),
         )
+        rt.share = FairShare(clock=monotonic, observe=lambda model, s: rt.metrics.queue_wait.observe((model,), s))
         try:
             await rt.usage.replay()  # before the view loads the balances: they include these debits
             await rt.view.reload()

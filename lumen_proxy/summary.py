@@ -44,5 +44,6 @@ def live_window(rt: Runtime, account: AccountRow) -> dict[str, Any]:
         "requests": {"used": used.requests, "limit": limits.rpm},
         "tokens": {"used": used.tokens, "limit": limits.tpm},
         "in_flight": {"used": used.in_flight, "limit": limits.concurrency},
+        "waiting": rt.share.waiting_of(account.id),  # this person's requests waiting for a busy backend
         "window_seconds": 60,
     }

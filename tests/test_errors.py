@@ -157,7 +157,7 @@ async def test_backend_model_name_is_not_a_public_name(proxy: Proxy, alice: str)
         await proxy.sdk(alice).chat.completions.create(model="fake-model", messages=HELLO)
 
 
-@pytest.mark.parametrize("path", ["/v1/nope", "/v1/chat/completion", "/", "/v2/models", "/v1/audio/speech"])
+@pytest.mark.parametrize("path", ["/v1/nope", "/v1/chat/completion", "/nope", "/v2/models", "/v1/audio/speech"])
 async def test_unknown_path_is_404(proxy: Proxy, alice: str, http: aiohttp.ClientSession, path: str) -> None:
     async with http.get(proxy.origin + path, headers={"Authorization": f"Bearer {alice}"}) as response:
         error = await error_of(response, 404)
