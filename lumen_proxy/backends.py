@@ -368,24 +368,34 @@ class Turn:
 
 
 class SlotUpstream:
-    """An upstream that holds a backend slot until it is closed (a stream: until its end)."""
+    """An upstream that holds a backend slot until the backend is done with it: its whole answer read
+    (a stream: its last chunk), else until it is closed. The slot goes to the next waiter before the
+    answer is relayed to the client, so the backend's slots never idle while Lumen writes."""
 
-    def __init__(self, upstream: Upstream, share: FairShare, gate: Gate) -> None:
-        self.upstream, self.share, self.gate = upstream, share, gate
+    def __init__(self, upstream: Upstream, share: FairShare, gate: Gate, account: int) -> None:
+        self.upstream, self.share, self.account = upstream, share, account
+        self.gate: Gate | None = gate
         self.status, self.content_type = upstream.status, upstream.content_type
         self.retry_headers = upstream.retry_headers
 
     async def read(self, limit: int) -> bytes:
-        return await self.upstream.read(limit)
+        data = await self.upstream.read(limit)
+        self._release()
+        return data
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self.upstream.chunks()
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.upstream.chunks():
+            yield chunk
+        self._release()
 
     def close(self) -> None:
         self.upstream.close()
+        self._release()
+
+    def _release(self) -> None:
         if self.gate is not None:
-            gate, self.gate = self.gate, None  # type: ignore[assignment]
-            self.share.release(gate)
+            gate, self.gate = self.gate, None
+            self.share.release(gate, self.account)
 
 
 async def connect(pool: BackendPool, model: Model, dial: Dialer, *, account: int | None = None,
@@ -412,11 +422,11 @@ async def connect(pool: BackendPool, model: Model, dial: Dialer, *, account: int
             if i in tried:
                 continue
             gate = turn.share.gate(backend)
-            if gate is not None and not turn.share.take(gate):
+            if gate is not None and not turn.share.take(gate, turn.account):
                 full.append((gate, backend))
                 continue
             tried.add(i)
-            found = await _attempt_with_slot(pool, model, backend, dial, account, turn.share, gate)
+            found = await _attempt_with_slot(pool, model, backend, dial, turn, gate)
             if found is not None:
                 return backend, found
         if not full:
@@ -424,7 +434,7 @@ async def connect(pool: BackendPool, model: Model, dial: Dialer, *, account: int
         gate = await _wait(turn, model, [g for g, _ in full])
         backend = next(b for g, b in full if g is gate)
         tried.add(candidates.index(backend))
-        found = await _attempt_with_slot(pool, model, backend, dial, account, turn.share, gate)
+        found = await _attempt_with_slot(pool, model, backend, dial, turn, gate)
         if found is not None:
             return backend, found
 
@@ -440,24 +450,19 @@ async def _wait(turn: Turn, model: Model, gates: list[Gate]) -> Gate:
             headers={"Retry-After": "5", "retry-after-ms": "5000"}) from None
 
 
-async def _attempt_with_slot(pool: BackendPool, model: Model, backend: Backend, dial: Dialer, account: int | None,
-                             share: FairShare, gate: Gate | None) -> Upstream | None:
+async def _attempt_with_slot(pool: BackendPool, model: Model, backend: Backend, dial: Dialer, turn: Turn,
+                             gate: Gate | None) -> Upstream | None:
     """:func:`_attempt` holding ``gate``'s slot (if any): kept by the answer, freed on every other way out."""
-    if not pool.begin(backend):
-        if gate is not None:
-            share.release(gate)
-        return None
+    upstream = None
     try:
-        upstream = await _attempt(pool, model, backend, dial, account)
-    except BaseException:
-        if gate is not None:
-            share.release(gate)
-        raise
-    if upstream is None:
-        if gate is not None:
-            share.release(gate)
-        return None
-    return SlotUpstream(upstream, share, gate) if gate is not None else upstream
+        if pool.begin(backend):
+            upstream = await _attempt(pool, model, backend, dial, turn.account)
+    finally:
+        if upstream is None and gate is not None:
+            turn.share.release(gate, turn.account)
+    if upstream is None or gate is None:
+        return upstream
+    return SlotUpstream(upstream, turn.share, gate, turn.account)
 
 
 async def _attempt(pool: BackendPool, model: Model, backend: Backend, dial: Dialer,

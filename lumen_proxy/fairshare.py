@@ -3,27 +3,29 @@
 A backend that declares ``max_concurrency: N`` is given at most N requests at once. A request that
 finds every slot of its model's candidate backends taken waits here, not in the backend (where vLLM
 and llama.cpp serve in arrival order, so one account's 200 queued requests would put everyone else
-behind them). Waiting requests are granted slots by start-time fair queueing (SFQ, the virtual-time
-form of weighted fair queueing that deficit round robin approximates): each request gets a tag,
-``max(V, the account's last tag) + cost / weight``, where ``cost`` is its expected tokens and
-``weight`` its group's; the smallest tag is served next and ``V`` becomes its tag. An account's
-tags run ahead of V by its own backlog only, so a light account's next request is served before a
-heavy account's fortieth, and no account starves (every tag is finite and V only grows).
+behind them).
 
-A waiter may be served by any of its candidate backends: it waits in each one's heap with the same
-tag, and the first to free a slot takes it (failover and the breaker keep working: a slot of a backend
-that fails is handed on). The fast path, a backend with no ``max_concurrency`` or a free slot and no
-one waiting, takes no lock and never awaits. A waiter that leaves (its client disconnected, or
-``queue_timeout`` passed) is marked and skipped; a slot granted to a waiter that is already gone is
-passed on at once, so no slot leaks.
+When a slot frees, it goes to the waiting account that holds the fewest of that backend's slots for
+its weight (``held / weight``: max-min fairness of the slots themselves, so an account running one
+request at a time is served before one running forty); between accounts holding as much, to the
+request with the smallest start-time fair queueing tag, ``max(V, the account's last tag) + cost /
+weight`` with ``cost`` its expected tokens (V: the tag last served), so cheaper requests and
+heavier-weighted groups go first; within an account, in arrival order. No account starves: every
+waiting account's turn comes as soon as it holds the least, and its tag is finite.
+
+A waiter may be served by any of its candidate backends: it waits at each one, and the first to free a
+slot takes it (failover and the breaker keep working: a slot of a backend that fails is handed on).
+The fast path, a backend with no ``max_concurrency`` or a free slot and no one waiting, takes no
+lock and never awaits. A waiter that leaves (its client disconnected, or ``queue_timeout`` passed) is
+marked and skipped; a slot granted to a waiter that is already gone is passed on at once, so no slot
+leaks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,10 +38,15 @@ WEIGHT_FLOOR = 1e-6
 class Waiter:
     account: int
     model: str
+    weight: float
     tag: float
     since: float
     future: asyncio.Future[Gate]
     gone: bool = False
+
+    @property
+    def waiting(self) -> bool:
+        return not self.gone and not self.future.done()
 
 
 @dataclass(eq=False)
@@ -49,16 +56,44 @@ class Gate:
     label: str
     capacity: int
     busy: int = 0
-    heap: list[tuple[float, int, Waiter]] = field(default_factory=list)
+    held: dict[int, int] = field(default_factory=dict)  # slots held per account
+    queues: dict[int, deque[Waiter]] = field(default_factory=dict)  # waiters per account, in arrival order
 
     def has_room(self) -> bool:
         """A free slot nobody waits for (a newcomer never overtakes a waiter)."""
         return self.busy < self.capacity and not self.waiting()
 
     def waiting(self) -> int:
-        while self.heap and (self.heap[0][2].gone or self.heap[0][2].future.done()):
-            heapq.heappop(self.heap)
-        return len(self.heap)
+        return sum(1 for queue in self.queues.values() for w in queue if w.waiting)
+
+    def next_waiter(self) -> Waiter | None:
+        """The head waiter of the account holding the fewest slots for its weight, then the smallest tag."""
+        best: tuple[float, float] | None = None
+        chosen: Waiter | None = None
+        for account in list(self.queues):
+            queue = self.queues[account]
+            while queue and not queue[0].waiting:
+                queue.popleft()
+            if not queue:
+                del self.queues[account]
+                continue
+            head = queue[0]
+            key = (self.held.get(account, 0) / head.weight, head.tag)
+            if best is None or key < best:
+                best, chosen = key, head
+        return chosen
+
+    def occupy(self, account: int) -> None:
+        self.busy += 1
+        self.held[account] = self.held.get(account, 0) + 1
+
+    def vacate(self, account: int) -> None:
+        self.busy -= 1
+        left = self.held.get(account, 0) - 1
+        if left > 0:
+            self.held[account] = left
+        else:
+            self.held.pop(account, None)
 
 
 class QueueTimeout(Exception):
@@ -78,7 +113,6 @@ class FairShare:
         self.gates: dict[tuple[str, str], Gate] = {}
         self.virtual = 0.0
         self.finish: dict[int, float] = {}  # each account's last tag (entries below `virtual` mean nothing)
-        self._seq = itertools.count()
 
     def gate(self, backend: Backend) -> Gate | None:
         if backend.max_concurrency is None:
@@ -91,22 +125,22 @@ class FairShare:
             gate.capacity = backend.max_concurrency
         return gate
 
-    def take(self, gate: Gate) -> bool:
+    def take(self, gate: Gate, account: int) -> bool:
         """A slot now, if one is free and nobody waits; never awaits."""
         if gate.has_room():
-            gate.busy += 1
+            gate.occupy(account)
             return True
         return False
 
     async def wait(self, gates: Sequence[Gate], *, account: int, model: str, weight: float, cost: int,
                    within: float) -> Gate:
         """A slot of one of ``gates``, granted in fair order; :class:`QueueTimeout` after ``within`` seconds."""
-        tag = max(self.virtual, self.finish.get(account, 0.0)) + max(cost, 1) / max(weight, WEIGHT_FLOOR)
+        weight = max(weight, WEIGHT_FLOOR)
+        tag = max(self.virtual, self.finish.get(account, 0.0)) + max(cost, 1) / weight
         self.finish[account] = tag
-        waiter = Waiter(account, model, tag, self.clock(), asyncio.get_running_loop().create_future())
-        seq = next(self._seq)
+        waiter = Waiter(account, model, weight, tag, self.clock(), asyncio.get_running_loop().create_future())
         for gate in gates:
-            heapq.heappush(gate.heap, (tag, seq, waiter))
+            gate.queues.setdefault(account, deque()).append(waiter)
         for gate in gates:  # a slot may have freed between the caller's look and now
             self._grant(gate)
         try:
@@ -115,48 +149,45 @@ class FairShare:
             waiter.gone = True
             if waiter.future.done() and not waiter.future.cancelled():  # granted in the same instant
                 return waiter.future.result()
-            ahead = sum(1 for g in gates for _, _, w in g.heap if w.tag < tag and not w.gone)
+            ahead = len({id(w) for g in gates for q in g.queues.values() for w in q if w.waiting and w.tag < tag})
             raise QueueTimeout(self.clock() - waiter.since, ahead) from None
         except asyncio.CancelledError:  # the client left while waiting
             waiter.gone = True
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(waiter.future.result())  # granted but never used: pass it on
+                self.release(waiter.future.result(), account)  # granted but never used: pass it on
             raise
 
-    def release(self, gate: Gate) -> None:
-        """A request let go of its slot: the next waiter in fair order gets it."""
-        gate.busy -= 1
+    def release(self, gate: Gate, account: int) -> None:
+        """A request of ``account`` let go of its slot: the next waiter in fair order gets it."""
+        gate.vacate(account)
         self._grant(gate)
 
     def _grant(self, gate: Gate) -> None:
-        while gate.busy < gate.capacity and gate.heap:
-            tag, _, waiter = heapq.heappop(gate.heap)
-            if waiter.gone or waiter.future.done():
-                continue
-            gate.busy += 1
-            self.virtual = max(self.virtual, tag)
+        while gate.busy < gate.capacity:
+            waiter = gate.next_waiter()
+            if waiter is None:
+                break
+            gate.queues[waiter.account].popleft()
+            gate.occupy(waiter.account)
+            self.virtual = max(self.virtual, waiter.tag)
             self.observe(waiter.model, self.clock() - waiter.since)
             waiter.future.set_result(gate)
-        if not gate.heap and len(self.finish) > 1000:
+        if not gate.queues and len(self.finish) > 1000:
             self.finish = {a: t for a, t in self.finish.items() if t > self.virtual}
+
+    def _waiters(self) -> dict[int, Waiter]:
+        return {id(w): w for g in self.gates.values() for q in g.queues.values() for w in q if w.waiting}
 
     def waiting_of(self, account: int) -> int:
         """How many of ``account``'s requests wait now (the person's own, for /lumen/v1/me)."""
-        seen: set[int] = set()
-        for gate in self.gates.values():
-            for _, _, waiter in gate.heap:
-                if waiter.account == account and not waiter.gone and not waiter.future.done():
-                    seen.add(id(waiter))
-        return len(seen)
+        return sum(1 for w in self._waiters().values() if w.account == account)
 
     def depth(self) -> dict[str, int]:
         """Requests waiting per model."""
-        found: dict[str, set[int]] = {}
-        for gate in self.gates.values():
-            for _, _, waiter in gate.heap:
-                if not waiter.gone and not waiter.future.done():
-                    found.setdefault(waiter.model, set()).add(id(waiter))
-        return {model: len(ids) for model, ids in found.items()}
+        found: dict[str, int] = {}
+        for waiter in self._waiters().values():
+            found[waiter.model] = found.get(waiter.model, 0) + 1
+        return found
 
     def slots(self) -> dict[str, dict[str, int]]:
         return {g.label: {"busy": g.busy, "capacity": g.capacity} for g in self.gates.values()}
