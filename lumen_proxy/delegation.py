@@ -30,9 +30,10 @@ async def principal_of(request: web.Request) -> Principal:
     if not principal.delegate:
         return principal
     named = request.headers.get(rt.config.delegation_header)
-    if named is None or not named.strip():
+    who = unquote(named).strip()[:MAX_NAME] if named is not None else ""
+    if not who:  # absent, or nothing once decoded: the key's own account
         return principal
-    return await _acting_for(rt, principal, unquote(named).strip()[:MAX_NAME])
+    return await _acting_for(rt, principal, who)
 
 
 async def _acting_for(rt: Runtime, principal: Principal, who: str) -> Principal:

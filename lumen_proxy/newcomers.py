@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from .cli_input import name_problem
+from .cli_input import EMAIL, name_problem, shown
 from .runtime import Runtime
 from .store import AccountRow, StoreError
 
@@ -25,11 +25,11 @@ async def admit_newcomer(rt: Runtime, who: str, *, group: str | None = None, how
     """The new account of ``who`` (or the one a concurrent request just created), or :class:`NotAdmitted`."""
     rule = rt.config.portal.new_accounts
     if not rule.create:
-        raise NotAdmitted(f"There is no Lumen account for {who}. Ask your administrator to create one "
-                          "(lumen-proxy accounts add), then try again.")
+        raise NotAdmitted(f"There is no Lumen account for {shown(who, 80)}. Ask your administrator to create "
+                          "one (lumen-proxy accounts add), then try again.")
     if name_problem(who) is not None:
-        raise NotAdmitted(f"The name {who[:80]!r} cannot name a Lumen account. Ask your administrator to create "
-                          "one for you.")
+        raise NotAdmitted(f"The name {shown(who, 80)} cannot name a Lumen account. Ask your administrator to "
+                          "create one for you.")
     chosen = group or rule.group or rt.config.default_group
     try:
         account = await rt.store.add_account(who, rule.coins, group=chosen)
@@ -39,6 +39,8 @@ async def admit_newcomer(rt: Runtime, who: str, *, group: str | None = None, how
         if found is None:
             raise
         return found
+    if EMAIL.fullmatch(who) and rt.view.person(who) is None:  # named by an address: it is also its email
+        account = await rt.store.update_account(account.name, email=who)
     log.info("created the account %s (group %s) at its first %s", account.id, chosen or "-", how)
     await rt.view.reload()
     return account
