@@ -445,7 +445,7 @@ async def _wait(turn: Turn, model: Model, gates: list[Gate]) -> Gate:
                                      cost=turn.cost, within=turn.timeout)
     except QueueTimeout as late:
         raise BackendUnavailable(
-            f"Every backend of `{model.name}` is busy: this request waited {late.waited:.0f} s (queue_timeout) "
+            f"Every backend of `{model.name}` is busy: this request waited {late.waited:.3g} s (queue_timeout) "
             f"with {late.ahead} requests ahead of it. Retry later.",
             headers={"Retry-After": "5", "retry-after-ms": "5000"}) from None
 

@@ -54,6 +54,7 @@ class Gate:
     """The slots of one backend (keyed by its URL and upstream model, as its breaker is)."""
 
     label: str
+    model: str  # the backend's upstream model name
     capacity: int
     busy: int = 0
     held: dict[int, int] = field(default_factory=dict)  # slots held per account
@@ -120,7 +121,7 @@ class FairShare:
         key = (backend.url, backend.model)
         gate = self.gates.get(key)
         if gate is None:
-            gate = self.gates[key] = Gate(backend.label, backend.max_concurrency)
+            gate = self.gates[key] = Gate(backend.label, backend.model, backend.max_concurrency)
         elif gate.capacity != backend.max_concurrency:  # a reload changed it: takes effect as slots free
             gate.capacity = backend.max_concurrency
         return gate
@@ -144,18 +145,39 @@ class FairShare:
         for gate in gates:  # a slot may have freed between the caller's look and now
             self._grant(gate)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), within)
+            async with asyncio.timeout(within):  # not wait_for: on 3.11 it can drop a cancellation
+                return await asyncio.shield(waiter.future)
         except TimeoutError:
             waiter.gone = True
             if waiter.future.done() and not waiter.future.cancelled():  # granted in the same instant
                 return waiter.future.result()
-            ahead = len({id(w) for g in gates for q in g.queues.values() for w in q if w.waiting and w.tag < tag})
+            ahead = self._ahead(gates, waiter)
+            self._unshare(waiter, cost)
             raise QueueTimeout(self.clock() - waiter.since, ahead) from None
         except asyncio.CancelledError:  # the client left while waiting
             waiter.gone = True
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release(waiter.future.result(), account)  # granted but never used: pass it on
+            else:
+                self._unshare(waiter, cost)
             raise
+
+    def _unshare(self, waiter: Waiter, cost: int) -> None:
+        """A request that left unserved takes back its share of its account's tags (it used nothing)."""
+        last = self.finish.get(waiter.account)
+        if last is not None:
+            self.finish[waiter.account] = max(self.virtual, last - max(cost, 1) / waiter.weight)
+
+    @staticmethod
+    def _ahead(gates: Sequence[Gate], waiter: Waiter) -> int:
+        """Waiters that would be served before ``waiter`` (the grant order, then arrival)."""
+        def key(gate: Gate, w: Waiter) -> tuple[float, float, float]:
+            return gate.held.get(w.account, 0) / w.weight, w.tag, w.since
+        ahead: set[int] = set()
+        for gate in gates:
+            mine = key(gate, waiter)
+            ahead.update(id(w) for q in gate.queues.values() for w in q if w.waiting and key(gate, w) < mine)
+        return len(ahead)
 
     def release(self, gate: Gate, account: int) -> None:
         """A request of ``account`` let go of its slot: the next waiter in fair order gets it."""
@@ -189,5 +211,6 @@ class FairShare:
             found[waiter.model] = found.get(waiter.model, 0) + 1
         return found
 
-    def slots(self) -> dict[str, dict[str, int]]:
-        return {g.label: {"busy": g.busy, "capacity": g.capacity} for g in self.gates.values()}
+    def slots(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Per backend (label, upstream model): slots busy and capacity."""
+        return {(g.label, g.model): {"busy": g.busy, "capacity": g.capacity} for g in self.gates.values()}

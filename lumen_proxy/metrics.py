@@ -109,8 +109,8 @@ class Metrics:
         self.queue_wait = Histogram("lumen_queue_wait_seconds", "Time requests waited for a backend slot",
                                     ("model",), _LATENCY_BUCKETS)
         self.slots_busy = Gauge("lumen_backend_slots_busy", "Slots in use of a backend with max_concurrency",
-                                ("backend",))
-        self.slots = Gauge("lumen_backend_slots", "max_concurrency of a backend", ("backend",))
+                                ("backend", "upstream_model"))
+        self.slots = Gauge("lumen_backend_slots", "max_concurrency of a backend", ("backend", "upstream_model"))
         self.all: tuple[Metric, ...] = (self.requests, self.latency, self.ttfb, self.tokens, self.coins,
                                         self.refusals, self.storage_refusals, self.inflight, self.backend_up,
                                         self.queued, self.queue_wait, self.slots_busy, self.slots)
@@ -131,11 +131,11 @@ class Metrics:
     def rate_limited(self, model: str, limit: str) -> None:
         self.refusals.inc((model, limit))
 
-    def queue(self, depth: dict[str, int], slots: dict[str, dict[str, int]]) -> None:
+    def queue(self, depth: dict[str, int], slots: dict[tuple[str, str], dict[str, int]]) -> None:
         """The fair queue as of now (set at each scrape)."""
         self.queued.values = {(model,): n for model, n in depth.items()}
-        self.slots_busy.values = {(label,): s["busy"] for label, s in slots.items()}
-        self.slots.values = {(label,): s["capacity"] for label, s in slots.items()}
+        self.slots_busy.values = {key: s["busy"] for key, s in slots.items()}
+        self.slots.values = {key: s["capacity"] for key, s in slots.items()}
 
     def render(self, backend_states: Callable[[], dict[tuple[str, str], bool]]) -> bytes:
         self.backend_up.values = {labels: 1 if up else 0 for labels, up in backend_states().items()}

@@ -243,7 +243,8 @@ async def test_a_key_made_on_the_page_works_shows_in_usage_and_stops_when_revoke
     async with session.get(proxy.origin + "/usage/live.json") as r:
         assert r.status == 200 and r.headers["Content-Type"] == "application/json"
         live = await r.json()
-    assert set(live) == {"requests", "tokens", "in_flight", "window_seconds", "coins", "allowance", "coins_held"}
+    assert set(live) == {"requests", "tokens", "in_flight", "waiting", "window_seconds", "coins", "allowance",
+                         "coins_held"}
     for part in ("requests", "tokens", "in_flight"):
         assert set(live[part]) == {"used", "limit"} and all(isinstance(v, int) for v in live[part].values())
     assert live["window_seconds"] == 60 and live["allowance"] is None and live["coins_held"] == 0
