@@ -386,11 +386,12 @@ async def test_keyboard_skip_link_nav_and_the_key_form(browser: Browser, make_po
 
     # Tab from the top: the skip link first (and visible once focused), then the header's links in order.
     seen = []
-    for _ in range(5):
+    for _ in range(6):
         await browser.press(Keys.TAB)
         seen.append(await browser.active())
     assert [(s["tag"], s["text"]) for s in seen] == [
-        ("a", "Skip to content"), ("a", "Lumen"), ("a", "API keys"), ("a", "Usage"), ("button", "Sign out")], seen
+        ("a", "Skip to content"), ("a", "Lumen"), ("a", "Chat"), ("a", "API keys"), ("a", "Usage"),
+        ("button", "Sign out")], seen
     outline = await browser.script("return getComputedStyle(document.activeElement).outlineStyle")
     assert outline not in ("none", ""), "the focused Sign out button shows no focus outline"
     await browser.open("/keys")

@@ -8,6 +8,7 @@
   const CSRF = meta("csrf-token");
   const STORE = "lumen.chat.v1:" + meta("lumen-account"); // one list per account in a shared browser
   const $ = (id) => document.getElementById(id);
+  const newKey = () => Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
 
   let conversations = [];
   let current = null;
@@ -36,6 +37,10 @@
     node.innerHTML = html;
     node.querySelectorAll("a[href]").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
     node.querySelectorAll("pre").forEach((pre) => {
+      const block = document.createElement("div");  // the button sits outside the scrolling code
+      block.className = "code-block";
+      pre.replaceWith(block);
+      block.append(pre);
       const button = document.createElement("button");
       button.type = "button";
       button.className = "small copy-code";
@@ -48,12 +53,12 @@
         else { const area = document.createElement("textarea"); area.value = code; document.body.appendChild(area);
           area.select(); try { document.execCommand("copy"); done(); } finally { area.remove(); } }
       });
-      pre.prepend(button);
+      block.prepend(button);
     });
   }
 
   function costText(cost) {
-    const coins = cost.cost > 0 && cost.cost < 0.0001 ? "<0.0001" : String(Number(cost.cost.toFixed(6)));
+    const coins = String(Number(Number(cost.cost).toFixed(6)));  // exact to the micro-coin, as billed
     return `${cost.prompt_tokens} tokens in, ${cost.completion_tokens} out · ${coins} coins` +
       (cost.partial ? " (stopped: the part received was billed)" : "");
   }
@@ -61,6 +66,7 @@
   function messageNode(message) {
     const item = document.createElement("div");
     item.className = "message " + message.role;
+    if (message.key) item.dataset.key = message.key;
     const who = document.createElement("div");
     who.className = "who-said";
     who.textContent = message.role === "user" ? "You" : message.role === "error" ? "Error" : (message.model || "Assistant");
@@ -70,6 +76,12 @@
     else body.textContent = message.content;
     if (message.role === "error") item.setAttribute("role", "alert");
     item.append(who, body);
+    if (message.stopped) {
+      const note = document.createElement("div");
+      note.className = "stopped muted small";
+      note.textContent = "(stopped)";
+      item.append(note);
+    }
     const foot = document.createElement("div");
     foot.className = "cost muted small";
     if (message.cost) foot.textContent = costText(message.cost);
@@ -101,6 +113,7 @@
       open.type = "button";
       open.className = "link open";
       open.textContent = c.title;
+      open.title = c.title;
       if (current && c.id === current.id) open.setAttribute("aria-current", "true");
       open.addEventListener("click", () => select(c.id));
       const rename = document.createElement("button");
@@ -146,7 +159,8 @@
   function errorText(status, data, headers) {
     const message = data?.error?.message || `The request failed (${status}).`;
     const wait = headers.get("Retry-After");
-    return status === 429 && wait && !message.includes("Try again") ? `${message} Try again in ${wait} s.` : message;
+    const said = /retry after|try again/i.test(message);
+    return status === 429 && wait && !said ? `${message} Try again in ${wait} s.` : message;
   }
 
   async function fetchCost(requestId, message) {
@@ -155,7 +169,13 @@
       try {
         const response = await fetch(`/usage/request/${encodeURIComponent(requestId)}.json`,
           { credentials: "same-origin", headers: { Accept: "application/json" } });
-        if (response.ok) { message.cost = await response.json(); save(); renderMessages(); return; }
+        if (response.ok) {  // only this answer's line: an answer streaming meanwhile keeps its node
+          message.cost = await response.json();
+          save();
+          const foot = document.querySelector(`#messages [data-key="${message.key}"] .cost`);
+          if (foot) foot.textContent = costText(message.cost);
+          return;
+        }
       } catch { /* try again */ }
     }
   }
@@ -165,8 +185,8 @@
     current.model = $("model").value;
     current.system = $("system").value;
     if (current.title === "New chat") current.title = text.replace(/\s+/g, " ").slice(0, 40);
-    current.messages.push({ role: "user", content: text });
-    const answer = { role: "assistant", content: "", model: current.model };
+    current.messages.push({ role: "user", content: text, key: newKey() });
+    const answer = { role: "assistant", content: "", model: current.model, key: newKey() };
     current.messages.push(answer);
     current.updated = Date.now();
     save(); renderList(); renderMessages();
@@ -178,10 +198,15 @@
     $("send").hidden = true; $("stop").hidden = false;
     let requestId = null;
     let stopped = false;
-    const body = $("messages").lastElementChild.querySelector(".body");
     let pending = false;
     const paint = () => { if (pending) return; pending = true;
-      requestAnimationFrame(() => { pending = false; renderMarkdown(body, answer.content); $("messages").scrollTop = $("messages").scrollHeight; }); };
+      requestAnimationFrame(() => {  // looked up each time: a redraw of the list may have replaced it
+        pending = false;
+        const body = document.querySelector(`#messages [data-key="${answer.key}"] .body`);
+        if (body) renderMarkdown(body, answer.content);
+        $("messages").scrollTop = $("messages").scrollHeight;
+      }); };
+    $("messages").setAttribute("aria-busy", "true");
     try {
       const response = await fetch("/chat/completions", {
         method: "POST", credentials: "same-origin", signal: controller.signal,
@@ -194,7 +219,7 @@
         let data = null;
         try { data = await response.json(); } catch { /* a page, not JSON */ }
         current.messages.pop();
-        current.messages.push({ role: "error", content: errorText(response.status, data, response.headers) });
+        current.messages.push({ role: "error", content: errorText(response.status, data, response.headers), key: newKey() });
         return;
       }
       const reader = response.body.getReader();
@@ -214,7 +239,7 @@
             if (data === "[DONE]") continue;
             let chunk;
             try { chunk = JSON.parse(data); } catch { continue; }
-            if (chunk.error) { current.messages.push({ role: "error", content: chunk.error.message || "The stream broke." }); continue; }
+            if (chunk.error) { current.messages.push({ role: "error", content: chunk.error.message || "The stream broke.", key: newKey() }); continue; }
             const delta = chunk.choices?.[0]?.delta?.content;
             if (typeof delta === "string" && delta) { answer.content += delta; paint(); }
           }
@@ -222,11 +247,15 @@
       }
     } catch (error) {
       if (error.name === "AbortError") stopped = true;
-      else current.messages.push({ role: "error", content: "The connection to Lumen was lost. Try again." });
+      else current.messages.push({ role: "error", content: "The connection to Lumen was lost. Try again.", key: newKey() });
     } finally {
       controller = null;
       $("send").hidden = false; $("stop").hidden = true;
-      if (stopped) answer.content += answer.content ? "\n\n*(stopped)*" : "*(stopped)*";
+      $("messages").removeAttribute("aria-busy");
+      if (stopped) {  // shown beside the answer, never sent back to the model
+        answer.stopped = true;
+        answer.content = answer.content.trimEnd();
+      }
       if (!answer.content && current.messages.includes(answer) && !stopped) answer.content = "*(no answer)*";
       save(); renderList(); renderMessages();
       if (requestId && current.messages.includes(answer)) fetchCost(requestId, answer);
