@@ -261,3 +261,4 @@ def _xpath_literal(text: str) -> str:
     if "'" not in text:
         return f"'{text}'"
     return "concat(" + ", '\"', ".join(f'"{part}"' for part in text.split('"')) + ")"
+

@@ -291,3 +291,25 @@ def query(database: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
         return list(conn.execute(sql, params).fetchall())
     finally:
         conn.close()
+
+
+# -- the browser (tests/browser.py) ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium per test module (Debian's, through its chromedriver)."""
+    from tests.browser import chrome
+
+    with chrome() as driver:
+        yield driver
+
+
+@pytest.fixture
+async def browser(chromium: Any) -> AsyncIterator[Any]:
+    """The module's Chromium, reset (no cookies, light, wide) before and after each test: a blank page
+    before the test's proxy closes, so no poll or fetch of a portal page outlives it."""
+    from tests.browser import Browser
+
+    b = Browser(chromium)
+    await b.reset()
+    yield b
+    await b.reset()

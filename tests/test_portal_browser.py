@@ -19,7 +19,7 @@ import os
 import random
 import sqlite3
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,13 +31,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.remote.webdriver import WebDriver
 
 from lumen_proxy.app import create_app
 from lumen_proxy.portal.guard import COOKIE, PORTAL
 from lumen_proxy.runtime import RUNTIME, Runtime
 from lumen_proxy.store import AccountRow
-from tests.browser import Browser, chrome, missing
+from tests.browser import Browser, missing
 from tests.conftest import build_config, config_dict, free_port
 from tests.nodejs import node_available
 from tests.oidc_provider import NODE_DIR, start_oidc_provider
@@ -69,20 +68,6 @@ ROWS = "return [...document.querySelectorAll(arguments[0])].map(r => [...r.cells
 
 
 # -- the browser and the proxy -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[WebDriver]:
-    with chrome() as driver:
-        yield driver
-
-
-@pytest.fixture
-async def browser(chromium: WebDriver) -> AsyncIterator[Browser]:
-    b = Browser(chromium)
-    await b.reset()
-    yield b
-    await b.reset()  # a blank page before this test's proxy closes: the Usage page's polling stops here
-
-
 @dataclass
 class Portal:
     server: TestServer

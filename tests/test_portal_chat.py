@@ -24,7 +24,6 @@ import os
 import re
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from lumen_proxy.portal.guard import COOKIE, PORTAL
 from lumen_proxy.relay import NO_COINS
-from tests.browser import Browser, chrome, missing
+from tests.browser import Browser, missing
 from tests.conftest import MakeProxy, Proxy, build_config, config_dict, query
 from tests.fake_upstream import UpstreamServer
 
@@ -107,20 +106,6 @@ What the two models cost, in coins per million tokens:
 
 
 # -- the browser and the proxy -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[WebDriver]:
-    with chrome() as driver:
-        yield driver
-
-
-@pytest.fixture
-async def browser(chromium: WebDriver) -> AsyncIterator[Browser]:
-    b = Browser(chromium)
-    await b.reset()
-    yield b
-    await b.reset()  # a blank page before this test's proxy closes: no fetch of the chat page outlives it
-
-
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy, upstream: UpstreamServer, tmp_path: Path) -> Proxy:
     """gpt-4o on the fake upstream (2.5 / 10 coins per million tokens), the built-in echo, no portal config:

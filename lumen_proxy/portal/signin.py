@@ -33,6 +33,7 @@ from .guard import (
 )
 from .oidc import SignInFailed
 from .people import account_for
+from .settings import Oidc
 
 log = logging.getLogger("lumen_proxy")
 FLOW_COOKIE = "lumen_signin"
@@ -50,10 +51,7 @@ async def login_page(request: web.Request) -> web.StreamResponse:
 @page
 async def oidc_start(request: web.Request) -> web.StreamResponse:
     rt, state = request.app[RUNTIME], request.app[PORTAL]
-    settings = rt.config.portal.oidc
-    if settings is None:
-        raise Problem(404, "Not configured", "Single sign-on is not configured on this server.")
-    admit_attempt(request)
+    settings = _oidc_attempt(request)
     flow, cookie = state.flows.start(next_path(request.query.get("next")))
     target = await state.oidc.authorize_url(settings, base_url(request) + settings.callback_path, flow)
     response = web.Response(status=303, headers={"Location": target})
@@ -65,10 +63,7 @@ async def oidc_start(request: web.Request) -> web.StreamResponse:
 @page
 async def oidc_callback(request: web.Request) -> web.StreamResponse:
     rt, state = request.app[RUNTIME], request.app[PORTAL]
-    settings = rt.config.portal.oidc
-    if settings is None:
-        raise Problem(404, "Not configured", "Single sign-on is not configured on this server.")
-    admit_attempt(request)
+    settings = _oidc_attempt(request)
     query = request.query
     if "error" in query:
         raise SignInFailed(f"The identity provider did not sign you in ({query['error'][:60]}).")
@@ -92,7 +87,16 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _mapped_group(settings: Any, claims: dict[str, Any]) -> str | None:
+def _oidc_attempt(request: web.Request) -> Oidc:
+    """The OIDC settings (404 page when there are none), after counting the attempt (429 page)."""
+    settings = request.app[RUNTIME].config.portal.oidc
+    if settings is None:
+        raise Problem(404, "Not configured", "Single sign-on is not configured on this server.")
+    admit_attempt(request)
+    return settings
+
+
+def _mapped_group(settings: Oidc, claims: dict[str, Any]) -> str | None:
     if settings.groups_claim is None:
         return None
     theirs = claims.get(settings.groups_claim)
