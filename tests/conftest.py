@@ -113,16 +113,17 @@ class Proxy:
         await self.rt.usage.flush()
 
 
-MakeProxy = Callable[[Config], Awaitable[Proxy]]
+MakeProxy = Callable[..., Awaitable[Proxy]]  # (config, *, port=None, **create_app keywords)
 
 
 @pytest.fixture
 async def make_proxy() -> AsyncIterator[MakeProxy]:
     made: list[Proxy] = []
 
-    async def make(config: Config, **app_kwargs: Any) -> Proxy:
+    async def make(config: Config, *, port: int | None = None, **app_kwargs: Any) -> Proxy:
+        """``port``: a port chosen beforehand (a sign-in redirect URI must name it before the proxy starts)."""
         app = create_app(config, **app_kwargs)
-        server = TestServer(app, host="127.0.0.1")
+        server = TestServer(app, host="127.0.0.1", port=port)
         await server.start_server()
         made.append(Proxy(server, app, []))
         return made[-1]

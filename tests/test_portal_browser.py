@@ -19,25 +19,20 @@ import os
 import random
 import sqlite3
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from lumen_proxy.app import create_app
 from lumen_proxy.portal.guard import COOKIE, PORTAL
-from lumen_proxy.runtime import RUNTIME, Runtime
 from lumen_proxy.store import AccountRow
 from tests.browser import Browser, missing
-from tests.conftest import build_config, config_dict, free_port
+from tests.conftest import MakeProxy, Proxy, build_config, config_dict, free_port
 from tests.nodejs import node_available
 from tests.oidc_provider import NODE_DIR, start_oidc_provider
 
@@ -68,18 +63,8 @@ ROWS = "return [...document.querySelectorAll(arguments[0])].map(r => [...r.cells
 
 
 # -- the browser and the proxy -------------------------------------------------------------------------------
-@dataclass
-class Portal:
-    server: TestServer
-    app: web.Application
-
-    @property
-    def rt(self) -> Runtime:
-        return self.app[RUNTIME]
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+class Portal(Proxy):
+    """The usual test proxy, with the portal test's own helpers."""
 
     @property
     def database(self) -> Path:
@@ -126,20 +111,13 @@ StartPortal = Callable[..., Awaitable[Portal]]
 
 
 @pytest.fixture
-async def make_portal(tmp_path: Path) -> AsyncIterator[StartPortal]:
-    started: list[Portal] = []
-
+def make_portal(tmp_path: Path, make_proxy: MakeProxy) -> StartPortal:
     async def start(port: int | None = None, issuer: str = DEAD_ISSUER) -> Portal:
         port = port or free_port()
-        app = create_app(build_config(tmp_path, portal_config(tmp_path, port, issuer)))
-        server = TestServer(app, host="127.0.0.1", port=port)
-        await server.start_server()
-        started.append(Portal(server, app))
-        return started[-1]
+        proxy = await make_proxy(build_config(tmp_path, portal_config(tmp_path, port, issuer)), port=port)
+        return Portal(proxy.server, proxy.app, proxy.clients)  # closed by make_proxy
 
-    yield start
-    for portal in reversed(started):
-        await portal.server.close()
+    return start
 
 
 async def sign_in(browser: Browser, portal: Portal, account: str) -> None:

@@ -28,10 +28,9 @@ from aiohttp.test_utils import TestServer
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from lumen_proxy.app import create_app
 from lumen_proxy.keys import hash_key
 from lumen_proxy.portal.guard import PORTAL
-from tests.conftest import Proxy, build_config, config_dict, free_port, query
+from tests.conftest import MakeProxy, Proxy, build_config, config_dict, free_port, query
 from tests.nodejs import node_available
 from tests.oidc_provider import NODE_DIR, OidcProvider, sign_in, start_oidc_provider
 
@@ -128,9 +127,8 @@ class Mitm:
 class Harness:
     """Lumens on the pool's ports, helper servers and browsers; all closed at the end of the test."""
 
-    def __init__(self, pool: ProviderPool, tmp_path: Path) -> None:
-        self.pool, self.tmp_path = pool, tmp_path
-        self.proxies: list[Proxy] = []
+    def __init__(self, pool: ProviderPool, tmp_path: Path, make_proxy: MakeProxy) -> None:
+        self.pool, self.tmp_path, self.make_proxy = pool, tmp_path, make_proxy
         self.servers: list[TestServer] = []
         self.sessions: list[aiohttp.ClientSession] = []
 
@@ -151,11 +149,7 @@ class Harness:
         data["public_url"] = f"http://127.0.0.1:{port}"
         data["portal"] = {"oidc": {"issuer": issuer or self.issuer, "client_id": CLIENT_ID,
                                    "client_secret": CLIENT_SECRET, "scopes": SCOPES, **oidc}, **(portal or {})}
-        app = create_app(build_config(self.tmp_path, data))
-        server = TestServer(app, host="127.0.0.1", port=port)
-        await server.start_server()
-        self.proxies.append(Proxy(server, app, []))
-        return self.proxies[-1]
+        return await self.make_proxy(build_config(self.tmp_path, data), port=port)  # closed by make_proxy
 
     async def serve(self, app: web.Application) -> TestServer:
         server = TestServer(app, host="127.0.0.1")
@@ -197,15 +191,13 @@ class Harness:
     async def close(self) -> None:
         for session in self.sessions:
             await session.close()
-        for proxy in reversed(self.proxies):
-            await proxy.server.close()
         for server in reversed(self.servers):
             await server.close()
 
 
 @pytest.fixture
-async def h(provider: ProviderPool, tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = Harness(provider, tmp_path)
+async def h(provider: ProviderPool, tmp_path: Path, make_proxy: MakeProxy) -> AsyncIterator[Harness]:
+    harness = Harness(provider, tmp_path, make_proxy)
     yield harness
     await harness.close()
 
