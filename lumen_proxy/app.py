@@ -82,9 +82,9 @@ async def healthz(request: web.Request) -> web.Response:
     for m in rt.config.models:
         if m.gated:
             models[m.name]["waiting"] = depth.get(m.name, 0)
-            idle = {"busy": 0, "capacity": 0}
-            models[m.name]["slots"] = {b.label: slots.get((b.label, b.model), {**idle, "capacity": b.max_concurrency})
-                                       for b in m.backends if b.max_concurrency is not None}
+            models[m.name]["slots"] = {
+                b.label: slots.get((b.label, b.model), {"busy": 0, "capacity": b.max_concurrency})
+                for b in m.backends if b.max_concurrency is not None}
     body = {"status": "ok" if ok else "degraded", "version": __version__, "database": not rt.view.is_stale(),
             "usage_log": usage_log, "models": models}
     return _json(body, status=200 if ok else 503)

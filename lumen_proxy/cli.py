@@ -296,21 +296,13 @@ async def keys_create(store: Store, config: Config, args: argparse.Namespace) ->
 SIGNIN_NAMES = {"oidc": "OpenID Connect", "header": "a trusted proxy header", "link": "sign-in links"}
 
 
-def portal_url(config: Config) -> str:
-    """Where people's browsers reach the portal: ``public_url``, else the listen address."""
-    if config.public_url:
-        return config.public_url
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    return f"http://{host}:{config.port}" if ":" not in host else f"http://[{host}]:{config.port}"
-
-
 async def accounts_login_link(store: Store, config: Config, args: argparse.Namespace) -> None:
     if not config.portal.login_links:
         raise CliError(f"sign-in links are turned off (portal.login_links: false in {config.source})", 2)
     if not 1 <= args.minutes <= 24 * 60:
         raise CliError("--minutes must be between 1 and 1440", 2)
     token, expires = await PortalRecords(cast(SqliteStore, store)).create_link(args.name, args.minutes)
-    url = f"{portal_url(config)}/login/link/{token}"
+    url = f"{config.portal_url}/login/link/{token}"
     if args.json:
         print(json.dumps({"account": args.name, "url": url, "expires_at": iso(expires)}, indent=2))
         return
@@ -525,13 +517,13 @@ def check_config(args: argparse.Namespace) -> int:
     summary = {"config": config.source, "models": models,
                "groups": [g.name for g in config.groups], "default_group": config.default_group,
                "timezone": config.timezone.key, "database": str(config.database),
-               "listen": f"{config.host}:{config.port}", "portal": portal_url(config),
+               "listen": f"{config.host}:{config.port}", "portal": config.portal_url,
                "signin": list(config.portal.methods)}
     in_groups = f"; {len(groups)} groups: {', '.join(groups)}, periods in {config.timezone.key}" if groups else ""
     signin = ", ".join(SIGNIN_NAMES[m] for m in config.portal.methods) or "no sign-in"
     emit(args, summary, lambda: f"{config.source}: ok ({len(config.models)} models: "
                                 f"{', '.join(models)}{in_groups}; database {config.database}; "
-                                f"portal {portal_url(config)}/ with {signin})")
+                                f"portal {config.portal_url}/ with {signin})")
     return 0
 
 

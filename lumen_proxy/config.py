@@ -22,7 +22,7 @@ import yaml
 from yarl import URL
 
 from .periods import EVERY, Every
-from .portal.settings import Portal, parse_portal, parse_public_url
+from .portal.settings import Portal, parse_portal, parse_url
 from .ratelimit import LimitSpec
 
 MICRO = 1_000_000
@@ -241,6 +241,15 @@ class Config:
             return own
         found = self.group(group)
         return found.models if found is not None else None
+
+    @property
+    def portal_url(self) -> str:
+        """Where people's browsers reach the portal: ``public_url``, else the listen address (sign-in links,
+        the CLI's and the demo's messages)."""
+        if self.public_url:
+            return self.public_url
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}" if ":" not in host else f"http://[{host}]:{self.port}"
 
     def group(self, name: str | None) -> Group | None:
         """The group ``name``, or None (no group, or one the config no longer has)."""
@@ -611,7 +620,7 @@ def parse_config(data: Any, source: str, base_dir: Path, *, require_env: bool = 
         log_prompts=r.optional(top, "log_prompts", "", r.boolean, False),
         cors_origins=r.optional(top, "cors_origins", "", lambda v, p: _origins(r, v, p), ("*",)),
         demo=r.optional(top, "demo", "", r.boolean, False),
-        public_url=r.optional(top, "public_url", "", lambda v, p: parse_public_url(r, v, p), None),
+        public_url=r.optional(top, "public_url", "", lambda v, p: parse_url(r, v, p), None),
         delegation_header=r.optional(top, "delegation", "", lambda v, p: _delegation(r, v, p),
                                      _default(Config, "delegation_header")),
         portal=r.optional(top, "portal", "", lambda v, p: parse_portal(r, v, p, [g.name for g in groups]), Portal()),

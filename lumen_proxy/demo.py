@@ -52,7 +52,7 @@ async def bootstrap_demo(rt: Runtime) -> None:
     lines.append(f'  curl http://{host}:{port}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
                  '-H "Content-Type: application/json" '
                  '-d \'{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}\'')
-    portal = f"http://{host}:{port}"
+    portal = rt.config.portal_url
     if sys.stderr.isatty():  # a sign-in link is a credential: a terminal's, never a journal's
         token, _ = await PortalRecords(cast(SqliteStore, rt.store)).create_link(DEMO_ACCOUNT)
         lines.append(f"Portal (API keys, usage): sign in once within 15 minutes at {portal}/login/link/{token}")

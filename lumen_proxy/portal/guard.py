@@ -170,10 +170,10 @@ async def viewer_of(request: web.Request) -> Viewer | None:
 
             account = await account_for(rt, state.records, request.headers[header.header].strip(), email=None,
                                         group=None)
-            if current is not None and sid is not None and current.account_id == account.id:
-                return _checked(rt, account, current, sid)
-            if sid is not None and current is not None:  # the proxy now names someone else: end the old session
-                await state.records.close_session(sid)
+            if current is not None and sid is not None:
+                if current.account_id == account.id:
+                    return Viewer(account, current, sid)
+                await state.records.close_session(sid)  # the proxy now names someone else: end the old session
             new_sid, session = await state.records.open_session(account.id, "header", rt.config.portal.session_hours)
             return Viewer(account, session, new_sid, opened=True)
         log.warning("portal: ignored the %s header from %s (not a trusted proxy)", header.header,
@@ -184,14 +184,7 @@ async def viewer_of(request: web.Request) -> Viewer | None:
     if known is None or not known.enabled:  # disabled (or deleted) since: the session ends here
         await state.records.close_session(sid)
         return None
-    return _checked(rt, known, current, sid)
-
-
-def _checked(rt: Runtime, account: AccountRow, session: Session, sid: str) -> Viewer:
-    if not account.enabled:
-        raise Problem(403, "Account disabled", f"The account {account.name} is disabled. "
-                                               "Contact your administrator.")
-    return Viewer(rt.view.accounts.get(account.id, account), session, sid)
+    return Viewer(known, current, sid)
 
 
 def signed_in(handler: ViewerHandler) -> Handler:

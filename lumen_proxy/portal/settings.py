@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from yarl import URL
@@ -71,24 +71,21 @@ class Portal:
     session_hours: float = 12.0
     new_accounts: NewAccounts = NewAccounts()
     signin_per_minute: int = 20  # sign-in attempts per client address
-    methods: tuple[str, ...] = field(init=False, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        methods = [name for name, on in (("oidc", self.oidc), ("header", self.trusted_header),
-                                         ("link", self.login_links)) if on]
-        object.__setattr__(self, "methods", tuple(methods))
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The sign-in methods turned on: oidc, header, link."""
+        return tuple(name for name, on in (("oidc", self.oidc), ("header", self.trusted_header),
+                                           ("link", self.login_links)) if on)
 
 
-def _url(r: _Reader, value: Any, path: str) -> str:
+def parse_url(r: _Reader, value: Any, path: str) -> str:
+    """An http(s) URL with no query (public_url, the issuer, logout_url), without its trailing slash."""
     text = r.string(value, path).rstrip("/")
     url = URL(text)
     if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
         raise r.fail(path, f"must be an http:// or https:// URL with no query, got {text!r}")
     return text
-
-
-def parse_public_url(r: _Reader, value: Any, path: str) -> str:
-    return _url(r, value, path)
 
 
 def _oidc(r: _Reader, value: Any, path: str, groups: Collection[str]) -> Oidc:
@@ -112,7 +109,7 @@ def _oidc(r: _Reader, value: Any, path: str, groups: Collection[str]) -> Oidc:
         scopes = tuple(r.string(s, f"{path}.scopes[{i}]") for i, s in enumerate(data["scopes"]))
     default = Oidc("", "", "")
     return Oidc(
-        issuer=_url(r, data["issuer"], f"{path}.issuer"),
+        issuer=parse_url(r, data["issuer"], f"{path}.issuer"),
         client_id=r.string(data["client_id"], f"{path}.client_id"),
         client_secret=r.string(data["client_secret"], f"{path}.client_secret"),
         account_claim=r.optional(data, "account_claim", path, r.string, default.account_claim),
@@ -139,7 +136,7 @@ def _trusted_header(r: _Reader, value: Any, path: str) -> TrustedHeader:
     return TrustedHeader(
         header=r.string(data["header"], f"{path}.header"),
         proxies=tuple(networks),
-        logout_url=r.optional(data, "logout_url", path, lambda v, p: _url(r, v, p), None),
+        logout_url=r.optional(data, "logout_url", path, lambda v, p: parse_url(r, v, p), None),
     )
 
 
