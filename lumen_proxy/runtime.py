@@ -70,8 +70,8 @@ class Runtime:
     metrics: Metrics
     responses: ResponseOwners
     allowances: Allowances
+    share: FairShare  # the slots of backends with max_concurrency and the fair queue before them
     echo: EchoStore = field(default_factory=EchoStore)  # the built-in echo's stored responses
-    share: FairShare = field(default_factory=FairShare)  # saturated backends' slots and their fair queue
     started: float = field(default_factory=time.time)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -166,6 +166,7 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
         pool.breaker = config.breaker
         pool.timeouts = config.timeouts
         view = AccessView(store, wallets, writer_lock, clock=clock)
+        metrics = Metrics()
         rt = Runtime(
             config=config, store=store, wallets=wallets,
             view=view,
@@ -173,13 +174,13 @@ def make_context(config: Config, *, clock: Callable[[], float] = time.time,
                            quarantine=quarantine_path(config.database), spill=spill_path(config.database),
                            backlog=config.usage_backlog, clock=monotonic),
             limiter=shared.limiter, pool=pool, client=HttpClient(config.timeouts),
-            metrics=Metrics(),
+            metrics=metrics,
             responses=ResponseOwners(keep=config.response_ids.keep, ttl=config.response_ids.hours * 3600,
                                      per_account=config.response_ids.per_account, clock=monotonic),
             allowances=Allowances(lambda: rt.config, lambda: view.accounts, wallets, store, writer_lock,
                                   view.reload_holding_lock, clock),
+            share=FairShare(clock=monotonic, observe=lambda model, s: metrics.queue_wait.observe((model,), s)),
         )
-        rt.share = FairShare(clock=monotonic, observe=lambda model, s: rt.metrics.queue_wait.observe((model,), s))
         try:
             await rt.usage.replay()  # before the view loads the balances: they include these debits
             await rt.view.reload()
